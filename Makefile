@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch is installed first, pinned, so that pip never pulls a multi-GB CUDA build
+# to satisfy pyproject's range. Override for a GPU machine: make TORCH_SPEC='torch' test
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+DEMO_DIR := runs/demo
+DEMO_TIME ?= 2m
+
+.PHONY: demo test bench bench-full clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e '.[dev,plot]'
+	touch $(STAMP)
+
+# Train on the Python standard library's own source for about two minutes, then write some Python.
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	$(BIN)/python -m textrnn train $$($(BIN)/python -c 'import glob, sysconfig; print(" ".join(sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/*.py"))))') \
+		--out $(DEMO_DIR) --max-time $(DEMO_TIME) --eval-every 200
+	$(BIN)/python -m textrnn generate --checkpoint $(DEMO_DIR) --prompt 'def ' --length 600 --temperature 0.7 --seed 1
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Benchmarks: the short versions; bench-full adds the 10-minute quality runs.
+bench: $(STAMP)
+	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/sampling.py
+
+bench-full: bench
+	$(BIN)/python bench/quality.py --minutes 10
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,4 @@
+"""Run the textrnn command line from a checkout: ``python cli.py train corpus.txt``."""
+from textrnn.cli import app
+
+app(prog_name="textrnn")

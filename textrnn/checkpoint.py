@@ -1,0 +1,311 @@
+"""The run directory: one place that knows its layout, writes it atomically and reads it safely.
+
+Tensors live in safetensors files and everything else in JSON, so loading never unpickles.
+Every file is written to a temporary name in the same directory, fsynced and renamed; ``last/``
+is replaced as a whole, so a crash at any moment leaves the previous complete checkpoint.
+Building models and optimizers from these files is left to ``training.py`` and ``sampling.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, InputError
+
+RUN_FORMAT = "textrnn-run"
+DATA_FORMAT = "textrnn-data"
+FORMAT_VERSION = 1
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+LAST_DIR = "last"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+STATE_TENSORS_FILE = "state.safetensors"  # hidden state of the streams, RNG states
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+TMP_PREFIX = ".tmp-"
+
+
+# ---------------------------------------------------------------- atomic writes
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # temporary files are private; the renamed result follows the umask
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    except OSError as exc:
+        raise InputError(f"{path.parent}: cannot write here ({exc.strerror})") from None
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise
+    _fsync_directory(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; is this a textrnn {what}?") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+@contextmanager
+def staging_directory(final: Path) -> Iterator[Path]:
+    """A temporary sibling directory that becomes ``final`` only if the block completes."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
+    except OSError as exc:
+        raise InputError(f"{final.parent}: cannot create a directory here ({exc.strerror})") from None
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        yield tmp
+        for child in tmp.iterdir():
+            if child.is_file():
+                with open(child, "rb") as handle:
+                    os.fsync(handle.fileno())
+        _fsync_directory(tmp)
+        if final.exists():
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_directory(final.parent)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise InputError(f"{final}: cannot write ({exc.strerror or exc})") from None
+        raise
+
+
+def remove_stale_temporaries(directory: Path) -> None:
+    """Delete temporary files a killed process left behind (they are never read as checkpoints)."""
+    for child in Path(directory).glob(TMP_PREFIX + "*"):
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- tensors
+
+def tensor_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+
+
+def save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    atomic_write_bytes(path, tensor_bytes(tensors, metadata))
+
+
+def load_tensors(path: Path) -> dict:
+    """Tensors from a safetensors file; anything else is a clear CheckpointError, never a pickle load."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(data) < 8:
+        raise CheckpointError(f"{path}: truncated or empty ({len(data)} bytes); not a safetensors file")
+    try:
+        return load(data)
+    except Exception as exc:  # safetensors raises SafetensorError, or ValueError on odd dtypes
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"{path}: damaged or not a safetensors file ({reason})") from None
+
+
+# ---------------------------------------------------------------- run directory
+
+def run_config(run_dir: Path) -> dict:
+    """``config.json`` of a run, checked for format and version."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise CheckpointError(f"{run_dir}: no such run directory")
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: is a file, not a run directory")
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{run_dir}: not a textrnn run (no {CONFIG_FILE})")
+    config = read_json(run_dir / CONFIG_FILE, "run")
+    check_format(config, RUN_FORMAT, run_dir / CONFIG_FILE)
+    for key in ("model", "train", "tokenizer"):
+        if not isinstance(config.get(key), dict):
+            raise CheckpointError(f"{run_dir / CONFIG_FILE}: missing the {key!r} section")
+    return config
+
+
+def check_format(data: dict, expected: str, path: Path) -> None:
+    if data.get("format") != expected:
+        raise CheckpointError(f"{path}: not a {expected} file (format is {data.get('format')!r})")
+    version = data.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path}: invalid format version {version!r}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {version} is newer than this textrnn reads "
+                              f"({FORMAT_VERSION}); upgrade textrnn")
+
+
+def last_dir(run_dir: Path) -> Path:
+    """The newest complete ``last/`` checkpoint (``last.old/`` if a crash hit between renames)."""
+    run_dir = Path(run_dir)
+    for name in (LAST_DIR, LAST_DIR + ".old"):
+        candidate = run_dir / name
+        if (candidate / STATE_FILE).is_file():
+            return candidate
+    raise CheckpointError(f"{run_dir}: no resumable checkpoint ({LAST_DIR}/{STATE_FILE} missing)")
+
+
+def append_metrics(run_dir: Path, row: dict) -> None:
+    with open(Path(run_dir) / METRICS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+    return rows
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop rows logged after ``step`` (by a run killed after its last checkpoint)."""
+    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
+    atomic_write_text(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ---------------------------------------------------------------- loading a run
+
+class Run:
+    """A trained run, loaded: its model (eval mode, best weights), tokenizer and config."""
+
+    def __init__(self, path: Path, config: dict, model, tokenizer, device):
+        self.path, self.config, self.model, self.tokenizer, self.device = path, config, model, tokenizer, device
+
+
+def load_weights(model, path: Path) -> None:
+    """Load a safetensors state dict into ``model``, checking names, shapes and dtypes."""
+    import torch
+
+    tensors = load_tensors(path)
+    expected = model.state_dict()
+    # a tied head shares the embedding tensor; safetensors stores it once
+    missing = sorted(set(expected) - set(tensors) - _tied_keys(model))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {', '.join(missing[:4])}" if missing else f"unexpected {', '.join(unexpected[:4])}"
+        raise CheckpointError(f"{path}: weights do not match the model in config.json ({detail})")
+    for name, tensor in tensors.items():
+        want = expected[name]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise CheckpointError(f"{path}: {name} has shape {tuple(tensor.shape)}, config.json implies "
+                                  f"{tuple(want.shape)}")
+        if tensor.dtype != want.dtype:
+            raise CheckpointError(f"{path}: {name} is {tensor.dtype}, expected {want.dtype}")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: {name} holds NaN or infinite values")
+    model.load_state_dict(tensors, strict=False)
+
+
+def _tied_keys(model) -> set[str]:
+    return {"head.weight"} if getattr(model.config, "tie_weights", False) else set()
+
+
+def model_tensors(model) -> dict:
+    """The state dict to save: a tied head weight is stored once, as the embedding."""
+    state = model.state_dict()
+    for key in _tied_keys(model):
+        state.pop(key, None)
+    return state
+
+
+def load_run(run_dir: str | os.PathLike, device=None, weights: str = "best") -> Run:
+    """Load a run directory for inference: config, tokenizer and weights (``best`` or ``last``)."""
+    import torch
+
+    from .config import ModelConfig
+    from .errors import ConfigError
+    from .model import RNNLanguageModel
+    from .tokenizers import load_tokenizer
+
+    run_dir = Path(run_dir)
+    config = run_config(run_dir)
+    try:
+        model_config = ModelConfig.from_dict(config["model"], source=str(run_dir / CONFIG_FILE))
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    tokenizer = load_tokenizer(run_dir)
+    if model_config.vocab_size != tokenizer.vocab_size:
+        raise CheckpointError(f"{run_dir}: the model's vocabulary ({model_config.vocab_size}) does not match "
+                              f"the tokenizer's ({tokenizer.vocab_size})")
+    model = RNNLanguageModel(model_config)
+    path = run_dir / WEIGHTS_FILE if weights == "best" else last_dir(run_dir) / WEIGHTS_FILE
+    load_weights(model, path)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    model.to(device).eval()
+    return Run(run_dir, config, model, tokenizer, device)

@@ -1,0 +1,419 @@
+"""Text on disk to token ids on disk, and token ids to truncated-BPTT batch streams.
+
+Reading is chunked and incremental (a BOM dropped, CRLF turned into LF, invalid UTF-8 and binary
+files reported with file and byte offset), so corpora larger than memory preprocess in bounded
+memory. Ids go to ``train.bin``/``val.bin`` in the smallest unsigned dtype, read back through
+``numpy.memmap``. Tokenizers live in ``tokenizers.py``; the model never appears here.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import math
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import DATA_FORMAT, FORMAT_VERSION, check_format, read_json, staging_directory, write_json
+from .errors import CheckpointError, ConfigError, InputError
+from .tokenizers import (ByteTokenizer, CharTokenizer, SentencePieceTokenizer, Tokenizer, check_kind,
+                         count_codepoints, iter_training_chunks, load_tokenizer)
+
+CHUNK_BYTES = 1 << 22  # 4 MiB of raw text per read
+FILE_SEPARATOR = "\n\n"  # joins several input files; every tokenizer keeps it
+META_FILE = "meta.json"
+SPLITS = ("train", "val")
+SNIFF_BYTES = 8192
+SENTENCEPIECE_SAMPLE_CHARS = 20_000_000  # SentencePiece trains on at most this much text
+
+
+# ---------------------------------------------------------------- reading text
+
+def _describe_decode_error(path: Path, offset: int) -> str:
+    return (f"{path}: invalid UTF-8 at byte {offset}; pass --errors replace to read it "
+            f"with replacement characters, or convert it to UTF-8")
+
+
+def read_chunks(path: Path, errors: str = "strict", newline: str = "lf",
+                chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+    """Decoded text of one file in chunks: BOM dropped, CRLF -> LF unless ``newline="keep"``.
+
+    Raises InputError naming the file and byte offset for invalid UTF-8 (when ``errors`` is
+    strict) and for NUL bytes, which mark a binary file.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    offset = 0
+    first = True
+    pending_cr = False
+    try:
+        handle = open(path, "rb")
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, expected a text file") from None
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    with handle:
+        while True:
+            try:
+                raw = handle.read(chunk_bytes)
+            except OSError as exc:
+                raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+            final = not raw
+            nul = raw.find(b"\x00")
+            if nul >= 0:
+                raise InputError(f"{path}: binary file (NUL byte at offset {offset + nul}); expected UTF-8 text")
+            if first and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+                raise InputError(f"{path}: looks like UTF-16 (byte-order mark); convert it to UTF-8")
+            try:
+                text = decoder.decode(raw, final)
+            except UnicodeDecodeError as exc:
+                buffered = len(decoder.getstate()[0]) if not final else 0
+                raise InputError(_describe_decode_error(path, offset - buffered + exc.start)) from None
+            offset += len(raw)
+            if first and text:
+                text = text.removeprefix("\ufeff")
+                first = False
+            if newline == "lf":
+                if pending_cr:
+                    text = "\r" + text
+                pending_cr = text.endswith("\r") and not final
+                if pending_cr:
+                    text = text[:-1]
+                text = text.replace("\r\n", "\n")
+            if text:
+                yield text
+            if final:
+                return
+
+
+def _looks_binary(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(SNIFF_BYTES)
+    except OSError:
+        return False
+    return b"\x00" in head
+
+
+def resolve_inputs(inputs: Iterable[str | os.PathLike], warn: Callable[[str], None] = lambda _: None) -> list[Path]:
+    """Files to read, in order: files as given; directories as their text files, sorted, recursively.
+
+    Hidden files and directories are skipped, and so are binary files found inside a directory
+    (with a warning); a binary file named directly is an error when it is read.
+    """
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found, skipped = [], 0
+            for root, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+                for name in sorted(names):
+                    child = Path(root) / name
+                    if name.startswith(".") or not child.is_file():
+                        continue
+                    if _looks_binary(child):
+                        skipped += 1
+                        continue
+                    found.append(child)
+            if skipped:
+                warn(f"{path}: skipped {skipped} binary file(s)")
+            if not found:
+                raise InputError(f"{path}: directory holds no text files")
+            files.extend(found)
+        elif path.exists():
+            if not os.access(path, os.R_OK):
+                raise InputError(f"{path}: permission denied")
+            files.append(path)
+        else:
+            raise InputError(f"{path}: no such file or directory")
+    if not files:
+        raise InputError("no input files given")
+    return files
+
+
+def iter_corpus(files: list[Path], errors: str = "strict", newline: str = "lf") -> Iterator[str]:
+    """The text of all files in order, joined by ``FILE_SEPARATOR``, in chunks."""
+    for index, path in enumerate(files):
+        if index:
+            yield FILE_SEPARATOR
+        yield from read_chunks(path, errors, newline)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- preprocessing
+
+def smallest_dtype(vocab_size: int) -> np.dtype:
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    raise ConfigError(f"vocab size {vocab_size} is too large")
+
+
+@dataclass
+class _SplitWriter:
+    """Appends ids to one split's .bin file and counts tokens and characters."""
+
+    handle: object
+    dtype: np.dtype
+    tokens: int = 0
+    chars: int = 0
+
+    def write(self, ids: np.ndarray, chars: int) -> None:
+        self.handle.write(ids.astype(self.dtype, copy=False).tobytes())
+        self.tokens += len(ids)
+        self.chars += chars
+
+
+def _build_tokenizer(kind: str, files: list[Path], errors: str, newline: str, vocab_size: int | None,
+                     total_chars: int, counts: np.ndarray | None, warn: Callable[[str], None]) -> Tokenizer:
+    if kind == "char":
+        return CharTokenizer.from_counts(counts)
+    if kind == "byte":
+        return ByteTokenizer()
+    # SentencePiece: a bounded, evenly spread sample of multi-line chunks
+    keep = min(1.0, SENTENCEPIECE_SAMPLE_CHARS / max(total_chars, 1))
+    rng = random.Random(0)
+    pieces = (p for p in iter_training_chunks(iter_corpus(files, errors, newline)) if keep >= 1 or rng.random() < keep)
+    distinct = int(np.count_nonzero(counts)) if counts is not None else 0
+    return SentencePieceTokenizer.train(pieces, kind, vocab_size or 2000, large_alphabet=distinct > 1000, warn=warn)
+
+
+def preprocess(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, *, tokenizer: str = "char",
+               vocab_size: int | None = None, val_fraction: float = 0.1, errors: str = "strict",
+               newline: str = "lf", progress: bool = False, warn: Callable[[str], None] = lambda _: None) -> Path:
+    """Tokenize text files into ``out_dir``: train.bin, val.bin, the tokenizer files and meta.json.
+
+    The last ``val_fraction`` of the characters is the validation split. Output is built in a
+    temporary directory renamed at the end, so a failure leaves nothing that looks valid.
+    """
+    check_kind(tokenizer)
+    if errors not in ("strict", "replace"):
+        raise ConfigError(f"errors must be strict or replace, got {errors!r}")
+    if newline not in ("lf", "keep"):
+        raise ConfigError(f"newline must be lf or keep, got {newline!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val fraction must be between 0 and 1, got {val_fraction}")
+    files = resolve_inputs(inputs, warn)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"{out_dir}: exists and is not a directory")
+    total_bytes = sum(f.stat().st_size for f in files)
+
+    # Pass 1: validate, count characters, and (char) collect the vocabulary.
+    counts = np.zeros(0x110000, dtype=np.int64)
+    total_chars = 0
+    with _bar(progress, total_bytes, "reading") as bar:
+        for chunk in iter_corpus(files, errors, newline):
+            counts = count_codepoints(chunk, counts)
+            total_chars += len(chunk)
+            bar.update(len(chunk.encode("utf-8", "surrogatepass")) if bar.total else 0)
+    if total_chars == 0:
+        raise InputError(f"{_names(files)}: empty corpus (no text after removing a byte-order mark)")
+    val_chars = int(total_chars * val_fraction)
+    train_chars = total_chars - val_chars
+    if val_chars < 2 or train_chars < 2:
+        raise InputError(f"{_names(files)}: corpus too short to split into train and val "
+                         f"({total_chars} characters at val fraction {val_fraction})")
+    tok = _build_tokenizer(tokenizer, files, errors, newline, vocab_size, total_chars, counts, warn)
+    if vocab_size is not None and tokenizer in ("char", "byte"):
+        warn(f"--vocab-size applies to bpe and unigram tokenizers; the {tokenizer} vocabulary has {tok.vocab_size}")
+    dtype = smallest_dtype(tok.vocab_size)
+
+    # Pass 2: encode in chunks straight into the split files.
+    with staging_directory(out_dir) as tmp:
+        writers = {}
+        handles = [open(tmp / f"{name}.bin", "wb") for name in SPLITS]
+        try:
+            writers = {name: _SplitWriter(h, dtype) for name, h in zip(SPLITS, handles)}
+            seen = 0
+            with _bar(progress, total_bytes, "encoding") as bar:
+                for chunk in _sentence_aligned(iter_corpus(files, errors, newline), tok.kind):
+                    parts = [(chunk[: max(0, train_chars - seen)], "train"), (chunk[max(0, train_chars - seen):], "val")]
+                    for text, name in parts:
+                        if text:
+                            writers[name].write(tok.encode_array(text, unknown="error"), len(text))
+                    seen += len(chunk)
+                    bar.update(len(chunk.encode("utf-8", "surrogatepass")) if bar.total else 0)
+        finally:
+            for h in handles:
+                h.close()
+        tok.save(tmp)
+        meta = {
+            "format": DATA_FORMAT, "version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": tok.vocab_size,
+            "tokenizer": tok.to_dict(),
+            "splits": {name: {"tokens": w.tokens, "chars": w.chars} for name, w in writers.items()},
+            "sources": [{"path": str(f), "bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files],
+            "newline": "crlf->lf" if newline == "lf" else "keep", "errors": errors,
+            "val_fraction": val_fraction, "separator": FILE_SEPARATOR,
+        }
+        write_json(tmp / META_FILE, meta)
+    return out_dir
+
+
+def _sentence_aligned(chunks: Iterable[str], kind: str) -> Iterator[str]:
+    """For SentencePiece, re-cut chunks at newlines so no piece straddles two encode calls."""
+    if kind not in ("bpe", "unigram"):
+        yield from chunks
+        return
+    buffer = ""
+    for chunk in chunks:
+        buffer += chunk
+        cut = buffer.rfind("\n")
+        if cut >= 0 and (cut > CHUNK_BYTES // 4 or len(buffer) > CHUNK_BYTES):
+            yield buffer[: cut + 1]
+            buffer = buffer[cut + 1:]
+    if buffer:
+        yield buffer
+
+
+def _names(files: list[Path]) -> str:
+    return str(files[0]) if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more)"
+
+
+class _NullBar:
+    total = 0
+
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self) -> "_NullBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def _bar(enabled: bool, total: int, desc: str):
+    if not enabled:
+        return _NullBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, leave=False, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------- datasets on disk
+
+@dataclass
+class Dataset:
+    """A preprocessed directory: memmapped splits plus the tokenizer and meta.json."""
+
+    path: Path
+    meta: dict
+    tokenizer: Tokenizer
+
+    def split(self, name: str) -> np.ndarray:
+        file = self.path / f"{name}.bin"
+        expected = self.meta["splits"][name]["tokens"]
+        try:
+            size = file.stat().st_size
+        except OSError:
+            raise CheckpointError(f"{file}: missing") from None
+        itemsize = np.dtype(self.meta["dtype"]).itemsize
+        if size != expected * itemsize:
+            raise CheckpointError(f"{file}: holds {size // itemsize} tokens, meta.json says {expected}; re-run preprocess")
+        if expected == 0:
+            return np.zeros(0, dtype=self.meta["dtype"])
+        return np.memmap(file, dtype=self.meta["dtype"], mode="r")
+
+    def chars_per_token(self, name: str = "val") -> float:
+        split = self.meta["splits"][name]
+        return split["chars"] / max(split["tokens"], 1)
+
+
+def load_dataset(path: str | os.PathLike) -> Dataset:
+    path = Path(path)
+    meta = read_json(path / META_FILE, "data directory")
+    check_format(meta, DATA_FORMAT, path / META_FILE)
+    if meta.get("dtype") not in ("uint8", "uint16", "uint32"):
+        raise CheckpointError(f"{path / META_FILE}: unknown dtype {meta.get('dtype')!r}")
+    return Dataset(path, meta, load_tokenizer(path))
+
+
+def is_dataset_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / META_FILE).is_file()
+
+
+# ---------------------------------------------------------------- truncated BPTT streams
+
+class TrainStreams:
+    """Training windows for truncated BPTT, ``streams`` contiguous streams at a time.
+
+    The ids (after a random per-epoch offset) are cut into ``total_streams`` equal columns; a
+    process owns the block ``[first, first + streams)`` of them (all of them without DDP). Window
+    ``t`` of every stream is fed at step ``t`` of the epoch, so the hidden state of stream ``b``
+    at step ``t`` has seen exactly the text before window ``t`` in column ``b``::
+
+        ids:      |--- stream 0 ---|--- stream 1 ---| ... |--- stream B-1 ---|
+        step t:     [t*L, (t+1)*L)   [t*L, (t+1)*L)         [t*L, (t+1)*L)      (x; y shifted by 1)
+    """
+
+    def __init__(self, ids: np.ndarray, seq_len: int, streams: int, seed: int,
+                 total_streams: int | None = None, first: int = 0):
+        self.ids, self.seq_len, self.seed = ids, seq_len, seed
+        self.streams = streams
+        self.total_streams = total_streams or streams
+        self.first = first
+        # same number of steps every epoch, whatever the offset
+        self.stream_len = (len(ids) - seq_len) // self.total_streams
+        self.steps_per_epoch = (self.stream_len - 1) // seq_len if self.stream_len > 0 else 0
+        if self.steps_per_epoch < 1:
+            need = self.total_streams * (seq_len + 1) + seq_len
+            raise InputError(f"training split too short: {len(ids)} tokens, but batch size {self.total_streams} x "
+                             f"window {seq_len} needs at least {need}; use a smaller --batch-size or --seq-len")
+
+    def offset(self, epoch: int) -> int:
+        """Random start of an epoch, from (seed, epoch): resumable without saving RNG state."""
+        return int(np.random.default_rng([self.seed, epoch]).integers(0, self.seq_len))
+
+    def window(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of one step, each [streams, seq_len] int64."""
+        start = self.offset(epoch) + step * self.seq_len
+        rows = []
+        for b in range(self.first, self.first + self.streams):
+            begin = start + b * self.stream_len
+            rows.append(np.asarray(self.ids[begin: begin + self.seq_len + 1], dtype=np.int64))
+        block = np.stack(rows)  # (B, L+1)
+        return block[:, :-1], block[:, 1:]
+
+
+def eval_windows(ids: np.ndarray, seq_len: int, streams: int, owned: range | None = None
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Windows over a whole split, every target scored exactly once.
+
+    The ``len(ids) - 1`` targets are cut into ``streams`` contiguous columns of equal length
+    (the last padded with -100, which the loss ignores); each window carries the state of the
+    one before it. ``owned`` picks a subset of the columns (one rank's share under DDP).
+    """
+    targets = len(ids) - 1
+    if targets < 1:
+        return
+    streams = max(1, min(streams, targets))
+    column = math.ceil(targets / streams)
+    owned = owned if owned is not None else range(streams)
+    for start in range(0, column, seq_len):
+        length = min(seq_len, column - start)
+        x = np.zeros((len(owned), length), dtype=np.int64)
+        y = np.full((len(owned), length), -100, dtype=np.int64)
+        for row, b in enumerate(owned):
+            begin = b * column + start
+            end = min(begin + length, targets)
+            if end > begin:
+                x[row, : end - begin] = ids[begin:end]
+                y[row, : end - begin] = ids[begin + 1: end + 1]
+        yield x, y

@@ -1,0 +1,128 @@
+"""Loss, bits per character and perplexity of token ids or a text file under a model.
+
+The split is run as contiguous streams with the hidden state carried from window to window,
+every token scored exactly once; under DDP each rank scores its share of the streams and the
+sums are all-reduced. Training calls ``evaluate_ids``; ``textrnn evaluate`` calls ``evaluate_file``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import eval_windows, read_chunks
+from .errors import InputError
+from .runtime import autocast
+
+
+@dataclass
+class EvalResult:
+    loss: float  # nats per scored token
+    bpc: float  # bits per character
+    perplexity: float  # per token
+    tokens: int  # tokens scored
+    chars: int  # characters those tokens cover
+    unknown: int = 0  # characters outside the vocabulary (fed as the unknown id, not scored)
+
+
+@torch.no_grad()
+def evaluate_ids(model: torch.nn.Module, ids: np.ndarray, *, seq_len: int, streams: int,
+                 device: torch.device, precision: str = "fp32", rank: int = 0, world_size: int = 1,
+                 mask: np.ndarray | None = None, progress: bool = False) -> tuple[float, int]:
+    """Summed cross-entropy (nats) and the number of scored targets over all of ``ids``.
+
+    ``mask`` (same length as ids, True = score) leaves some targets out, e.g. unknown characters.
+    """
+    was_training = model.training
+    model.eval()
+    total_streams = max(1, min(streams, max(len(ids) - 1, 1)))
+    owned = range(rank, total_streams, world_size)
+    targets = np.asarray(ids)
+    if mask is not None:
+        targets = np.where(mask, ids, -100)
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    state = None
+    windows = list(eval_windows(ids, seq_len, total_streams, owned)) if len(owned) else []
+    if mask is not None and len(owned):
+        scored = list(eval_windows(targets, seq_len, total_streams, owned))
+        windows = [(x, np.where(ys >= 0, y, -100)) for (x, y), (_, ys) in zip(windows, scored)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(windows), desc="evaluating", unit="window", leave=False, dynamic_ncols=True)
+    for x, y in windows:
+        x_t = torch.from_numpy(x).to(device)
+        y_t = torch.from_numpy(y).to(device)
+        if state is None:
+            state = _unwrap(model).init_state(x_t.shape[0], device)
+        with autocast(device, precision):
+            logits, state = model(x_t, state)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y_t.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+        total[0] += loss.double()
+        total[1] += (y_t != -100).sum()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(total)
+    model.train(was_training)
+    return float(total[0]), int(total[1])
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    return getattr(inner, "_orig_mod", inner)  # torch.compile
+
+
+def summarize(loss_sum: float, tokens: int, chars_per_token: float, unknown: int = 0) -> EvalResult:
+    """Per-token loss, and bits per character as ``loss / chars_per_token / ln 2``."""
+    loss = loss_sum / max(tokens, 1)
+    bpc = loss / chars_per_token / math.log(2)
+    return EvalResult(loss=loss, bpc=bpc, perplexity=math.exp(min(loss, 700)), tokens=tokens,
+                      chars=round(tokens * chars_per_token), unknown=unknown)
+
+
+def evaluate_file(run_dir: str | os.PathLike, file: str | os.PathLike, *, device: str = "auto",
+                  errors: str = "strict", progress: bool = False) -> EvalResult:
+    """Score a whole text file under the best weights of a run, statefully.
+
+    Characters a ``char`` tokenizer has never seen are fed to the model as its unknown id, so
+    the state runs on, but they are not scored: they are counted in ``unknown`` and left out of
+    both the loss and the character count of bits per character.
+    """
+    from .checkpoint import load_run
+    from .runtime import resolve_device
+
+    run = load_run(run_dir, resolve_device(device))
+    path = Path(file)
+    text = "".join(read_chunks(path, errors=errors))
+    if not text:
+        raise InputError(f"{path}: empty file, nothing to evaluate")
+    tok = run.tokenizer
+    unknown = 0
+    mask = None
+    if tok.kind == "char":
+        ids = tok.encode_array(text, unknown="unk")
+        mask = ids != tok.unk_id
+        unknown = int((~mask).sum())
+    else:
+        ids = tok.encode_array(text)
+    if len(ids) < 2:
+        raise InputError(f"{path}: too short to evaluate (needs at least two tokens)")
+    train = run.config["train"]
+    loss_sum, scored = evaluate_ids(run.model, ids, seq_len=train["seq_len"],
+                                    streams=train.get("eval_batches") or train["batch_size"], device=run.device,
+                                    precision="fp32", mask=mask, progress=progress)
+    chars_per_token = (len(text) - unknown) / max(len(ids) - unknown, 1)
+    return summarize(loss_sum, scored, chars_per_token, unknown)
