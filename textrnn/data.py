@@ -9,6 +9,7 @@ memory. Ids go to ``train.bin``/``val.bin`` in the smallest unsigned dtype, read
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import math
 import os
@@ -21,8 +22,9 @@ import numpy as np
 
 from .checkpoint import DATA_FORMAT, FORMAT_VERSION, check_format, read_json, staging_directory, write_json
 from .errors import CheckpointError, ConfigError, InputError
-from .tokenizers import (ByteTokenizer, CharTokenizer, SentencePieceTokenizer, Tokenizer, check_kind,
-                         count_codepoints, iter_training_chunks, load_tokenizer)
+from .tokenizers import (SENTENCEPIECE_KINDS, ByteTokenizer, CharTokenizer, SentencePieceTokenizer, Tokenizer,
+                         check_kind, iter_training_chunks, load_tokenizer, mark_codepoints,
+                         smallest_dtype)
 
 CHUNK_BYTES = 1 << 22  # 4 MiB of raw text per read
 FILE_SEPARATOR = "\n\n"  # joins several input files; every tokenizer keeps it
@@ -39,17 +41,34 @@ def _describe_decode_error(path: Path, offset: int) -> str:
             f"with replacement characters, or convert it to UTF-8")
 
 
-def read_chunks(path: Path, errors: str = "strict", newline: str = "lf",
-                chunk_bytes: int = CHUNK_BYTES) -> Iterator[str]:
+def _check_not_binary(path: Path, raw: bytes, offset: int, first: bool) -> None:
+    """Reject UTF-16/UTF-32 (by byte-order mark, or by the NULs of its ASCII) and other binary data."""
+    if first and raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        raise InputError(f"{path}: looks like UTF-32 (byte-order mark); convert it to UTF-8")
+    if first and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise InputError(f"{path}: looks like UTF-16 (byte-order mark); convert it to UTF-8")
+    nul = raw.find(b"\x00")
+    if nul < 0:
+        return
+    head = raw[:SNIFF_BYTES]
+    if first and len(head) >= 4 and (head[0::2].count(0) > 0.9 * len(head[0::2])
+                                      or head[1::2].count(0) > 0.9 * len(head[1::2])):
+        raise InputError(f"{path}: looks like UTF-16 (every other byte is NUL); convert it to UTF-8")
+    raise InputError(f"{path}: binary file (NUL byte at offset {offset + nul}); expected UTF-8 text")
+
+
+def read_chunks(path: Path, errors: str = "strict", newline: str = "lf", chunk_bytes: int = CHUNK_BYTES,
+                on_raw: Callable[[bytes], None] | None = None) -> Iterator[str]:
     """Decoded text of one file in chunks: BOM dropped, CRLF -> LF unless ``newline="keep"``.
 
     Raises InputError naming the file and byte offset for invalid UTF-8 (when ``errors`` is
-    strict) and for NUL bytes, which mark a binary file.
+    strict) and for NUL bytes, which mark a binary file; UTF-16 and UTF-32 are named as such.
+    ``on_raw`` sees every block of raw bytes as it is read (progress bars, checksums).
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors)
-    offset = 0
-    first = True
-    pending_cr = False
+    offset = 0  # bytes read so far
+    first = True  # no text yielded yet: a BOM may still come
+    pending_cr = False  # a chunk ended in "\r": its "\n" may start the next one
     try:
         handle = open(path, "rb")
     except IsADirectoryError:
@@ -67,17 +86,16 @@ def read_chunks(path: Path, errors: str = "strict", newline: str = "lf",
             except OSError as exc:
                 raise InputError(f"{path}: cannot read ({exc.strerror})") from None
             final = not raw
-            nul = raw.find(b"\x00")
-            if nul >= 0:
-                raise InputError(f"{path}: binary file (NUL byte at offset {offset + nul}); expected UTF-8 text")
-            if first and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-                raise InputError(f"{path}: looks like UTF-16 (byte-order mark); convert it to UTF-8")
+            _check_not_binary(path, raw, offset, offset == 0)
             try:
                 text = decoder.decode(raw, final)
             except UnicodeDecodeError as exc:
-                buffered = len(decoder.getstate()[0]) if not final else 0
-                raise InputError(_describe_decode_error(path, offset - buffered + exc.start)) from None
+                # exc.start counts from the bytes the decoder held back from the previous block
+                held_back = len(decoder.getstate()[0])
+                raise InputError(_describe_decode_error(path, offset - held_back + exc.start)) from None
             offset += len(raw)
+            if on_raw is not None and raw:
+                on_raw(raw)
             if first and text:
                 text = text.removeprefix("\ufeff")
                 first = False
@@ -87,7 +105,8 @@ def read_chunks(path: Path, errors: str = "strict", newline: str = "lf",
                 pending_cr = text.endswith("\r") and not final
                 if pending_cr:
                     text = text[:-1]
-                text = text.replace("\r\n", "\n")
+                if "\r" in text:  # a fast scan; replace() alone is ten times slower on long text
+                    text = text.replace("\r\n", "\n")
             if text:
                 yield text
             if final:
@@ -124,10 +143,11 @@ def resolve_inputs(inputs: Iterable[str | os.PathLike], warn: Callable[[str], No
                         skipped += 1
                         continue
                     found.append(child)
-            if skipped:
-                warn(f"{path}: skipped {skipped} binary file(s)")
             if not found:
-                raise InputError(f"{path}: directory holds no text files")
+                binary = f" ({skipped} binary file(s) skipped)" if skipped else ""
+                raise InputError(f"{path}: directory holds no text files{binary}")
+            if skipped:
+                warn(f"warning: {path}: skipped {skipped} binary file(s)")
             files.extend(found)
         elif path.exists():
             if not os.access(path, os.R_OK):
@@ -140,12 +160,17 @@ def resolve_inputs(inputs: Iterable[str | os.PathLike], warn: Callable[[str], No
     return files
 
 
-def iter_corpus(files: list[Path], errors: str = "strict", newline: str = "lf") -> Iterator[str]:
-    """The text of all files in order, joined by ``FILE_SEPARATOR``, in chunks."""
+def iter_corpus(files: list[Path], errors: str = "strict", newline: str = "lf",
+                on_raw: Callable[[int, bytes], None] | None = None) -> Iterator[str]:
+    """The text of all files in order, joined by ``FILE_SEPARATOR``, in chunks.
+
+    ``on_raw(index, block)`` sees the raw bytes of ``files[index]`` as they are read.
+    """
     for index, path in enumerate(files):
         if index:
             yield FILE_SEPARATOR
-        yield from read_chunks(path, errors, newline)
+        yield from read_chunks(path, errors, newline,
+                               on_raw=None if on_raw is None else lambda raw, index=index: on_raw(index, raw))
 
 
 def _sha256(path: Path) -> str:
@@ -158,13 +183,6 @@ def _sha256(path: Path) -> str:
 
 # ---------------------------------------------------------------- preprocessing
 
-def smallest_dtype(vocab_size: int) -> np.dtype:
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if vocab_size <= np.iinfo(dtype).max + 1:
-            return np.dtype(dtype)
-    raise ConfigError(f"vocab size {vocab_size} is too large")
-
-
 @dataclass
 class _SplitWriter:
     """Appends ids to one split's .bin file and counts tokens and characters."""
@@ -175,23 +193,42 @@ class _SplitWriter:
     chars: int = 0
 
     def write(self, ids: np.ndarray, chars: int) -> None:
-        self.handle.write(ids.astype(self.dtype, copy=False).tobytes())
+        self.handle.write(np.ascontiguousarray(ids, dtype=self.dtype))
         self.tokens += len(ids)
         self.chars += chars
 
 
 def _build_tokenizer(kind: str, files: list[Path], errors: str, newline: str, vocab_size: int | None,
-                     total_chars: int, counts: np.ndarray | None, warn: Callable[[str], None]) -> Tokenizer:
+                     total_chars: int, seen: np.ndarray | None, warn: Callable[[str], None]) -> Tokenizer:
     if kind == "char":
-        return CharTokenizer.from_counts(counts)
+        return CharTokenizer.from_codepoints(seen)
     if kind == "byte":
         return ByteTokenizer()
     # SentencePiece: a bounded, evenly spread sample of multi-line chunks
     keep = min(1.0, SENTENCEPIECE_SAMPLE_CHARS / max(total_chars, 1))
     rng = random.Random(0)
     pieces = (p for p in iter_training_chunks(iter_corpus(files, errors, newline)) if keep >= 1 or rng.random() < keep)
-    distinct = int(np.count_nonzero(counts)) if counts is not None else 0
+    distinct = int(np.count_nonzero(seen)) if seen is not None else 0
     return SentencePieceTokenizer.train(pieces, kind, vocab_size or 2000, large_alphabet=distinct > 1000, warn=warn)
+
+
+def _check_output_dir(out_dir: Path) -> None:
+    """Refuse an --out that is a file, lies under a file, or is a directory preprocess did not make.
+
+    The finished output replaces ``out_dir`` as a whole, so anything else there would be lost.
+    """
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise InputError(f"{out_dir}: exists and is not a directory; choose another --out")
+        if any(out_dir.iterdir()) and not is_dataset_dir(out_dir):
+            raise InputError(f"{out_dir}: directory is not empty and was not made by preprocess; "
+                             f"choose another --out (it would be replaced)")
+        return
+    for parent in out_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{parent}: is a file, so {out_dir} cannot be created there")
+            return
 
 
 def preprocess(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, *, tokenizer: str = "char",
@@ -199,8 +236,10 @@ def preprocess(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, 
                newline: str = "lf", progress: bool = False, warn: Callable[[str], None] = lambda _: None) -> Path:
     """Tokenize text files into ``out_dir``: train.bin, val.bin, the tokenizer files and meta.json.
 
-    The last ``val_fraction`` of the characters is the validation split. Output is built in a
-    temporary directory renamed at the end, so a failure leaves nothing that looks valid.
+    Two passes over the text in chunks, so memory stays bounded: the first checks it, counts its
+    characters and (``char``) finds the vocabulary; the second encodes it straight into the
+    split files. The last ``val_fraction`` of the characters is the validation split. Output is
+    built in a temporary directory renamed at the end, so a failure leaves nothing that looks valid.
     """
     check_kind(tokenizer)
     if errors not in ("strict", "replace"):
@@ -211,54 +250,62 @@ def preprocess(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, 
         raise ConfigError(f"val fraction must be between 0 and 1, got {val_fraction}")
     files = resolve_inputs(inputs, warn)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"{out_dir}: exists and is not a directory")
-    total_bytes = sum(f.stat().st_size for f in files)
+    _check_output_dir(out_dir)
 
-    # Pass 1: validate, count characters, and (char) collect the vocabulary.
-    counts = np.zeros(0x110000, dtype=np.int64)
-    total_chars = 0
-    with _bar(progress, total_bytes, "reading") as bar:
-        for chunk in iter_corpus(files, errors, newline):
-            counts = count_codepoints(chunk, counts)
-            total_chars += len(chunk)
-            bar.update(len(chunk.encode("utf-8", "surrogatepass")) if bar.total else 0)
-    if total_chars == 0:
-        raise InputError(f"{_names(files)}: empty corpus (no text after removing a byte-order mark)")
-    val_chars = int(total_chars * val_fraction)
-    train_chars = total_chars - val_chars
-    if val_chars < 2 or train_chars < 2:
-        raise InputError(f"{_names(files)}: corpus too short to split into train and val "
-                         f"({total_chars} characters at val fraction {val_fraction})")
-    tok = _build_tokenizer(tokenizer, files, errors, newline, vocab_size, total_chars, counts, warn)
-    if vocab_size is not None and tokenizer in ("char", "byte"):
-        warn(f"--vocab-size applies to bpe and unigram tokenizers; the {tokenizer} vocabulary has {tok.vocab_size}")
-    dtype = smallest_dtype(tok.vocab_size)
-
-    # Pass 2: encode in chunks straight into the split files.
+    # Created first, so an unwritable --out fails before any work; removed on any failure.
     with staging_directory(out_dir) as tmp:
-        writers = {}
-        handles = [open(tmp / f"{name}.bin", "wb") for name in SPLITS]
-        try:
-            writers = {name: _SplitWriter(h, dtype) for name, h in zip(SPLITS, handles)}
-            seen = 0
+        # Pass 1: validate, count characters, checksum, and (char, SentencePiece) mark the code points.
+        total_bytes = sum(f.stat().st_size for f in files)
+        digests = [hashlib.sha256() for _ in files]
+        sizes = [0] * len(files)
+        seen = None if tokenizer == "byte" else np.zeros(0x110000, dtype=bool)
+        total_chars = 0
+        with _bar(progress, total_bytes, "reading") as bar:
+            def on_raw(index: int, raw: bytes) -> None:
+                digests[index].update(raw)
+                sizes[index] += len(raw)
+                bar.update(len(raw))
+
+            for chunk in iter_corpus(files, errors, newline, on_raw):
+                if seen is not None:
+                    mark_codepoints(chunk, seen)
+                total_chars += len(chunk)
+        if total_chars == 0:
+            bom_only = " besides a byte-order mark" if total_bytes else ""
+            raise InputError(f"{_names(files)}: empty corpus (no text{bom_only})")
+        val_chars = int(total_chars * val_fraction)
+        train_chars = total_chars - val_chars
+        if val_chars < 2 or train_chars < 2:
+            raise InputError(f"{_names(files)}: corpus too short to split into train and val "
+                             f"({total_chars} characters at val fraction {val_fraction})")
+        tok = _build_tokenizer(tokenizer, files, errors, newline, vocab_size, total_chars, seen, warn)
+        if vocab_size is not None and tokenizer in ("char", "byte"):
+            warn(f"warning: --vocab-size applies to bpe and unigram tokenizers; "
+                 f"the {tokenizer} vocabulary has {tok.vocab_size}")
+        dtype = smallest_dtype(tok.vocab_size)
+
+        # Pass 2: encode in chunks straight into the split files.
+        with contextlib.ExitStack() as files_open:
+            writers = {name: _SplitWriter(files_open.enter_context(open(tmp / f"{name}.bin", "wb")), dtype)
+                       for name in SPLITS}
+            encoded = 0  # characters so far
             with _bar(progress, total_bytes, "encoding") as bar:
-                for chunk in _sentence_aligned(iter_corpus(files, errors, newline), tok.kind):
-                    parts = [(chunk[: max(0, train_chars - seen)], "train"), (chunk[max(0, train_chars - seen):], "val")]
-                    for text, name in parts:
+                chunks = iter_corpus(files, errors, newline, lambda _, raw: bar.update(len(raw)))
+                for chunk in _sentence_aligned(chunks, tok.kind):
+                    cut = min(max(0, train_chars - encoded), len(chunk))
+                    for text, name in ((chunk[:cut], "train"), (chunk[cut:], "val")):
                         if text:
-                            writers[name].write(tok.encode_array(text, unknown="error"), len(text))
-                    seen += len(chunk)
-                    bar.update(len(chunk.encode("utf-8", "surrogatepass")) if bar.total else 0)
-        finally:
-            for h in handles:
-                h.close()
+                            writers[name].write(tok.encode_array(text, unknown="error", dtype=dtype), len(text))
+                    encoded += len(chunk)
+        if encoded != total_chars:
+            raise InputError(f"{_names(files)}: changed while it was being read; run preprocess again")
         tok.save(tmp)
         meta = {
             "format": DATA_FORMAT, "version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": tok.vocab_size,
             "tokenizer": tok.to_dict(),
             "splits": {name: {"tokens": w.tokens, "chars": w.chars} for name, w in writers.items()},
-            "sources": [{"path": str(f), "bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files],
+            "sources": [{"path": str(f), "bytes": size, "sha256": digest.hexdigest()}
+                        for f, size, digest in zip(files, sizes, digests)],
             "newline": "crlf->lf" if newline == "lf" else "keep", "errors": errors,
             "val_fraction": val_fraction, "separator": FILE_SEPARATOR,
         }
@@ -267,17 +314,27 @@ def preprocess(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, 
 
 
 def _sentence_aligned(chunks: Iterable[str], kind: str) -> Iterator[str]:
-    """For SentencePiece, re-cut chunks at newlines so no piece straddles two encode calls."""
-    if kind not in ("bpe", "unigram"):
+    """For SentencePiece, re-cut chunks after a newline so no piece straddles two encode calls.
+
+    Pieces never span a newline (it is a user-defined symbol), so encoding line-aligned pieces
+    gives the same ids as encoding the whole text. Text with no newline in sight is cut at the
+    last space, or anywhere, rather than held in memory without bound.
+    """
+    if kind not in SENTENCEPIECE_KINDS:
         yield from chunks
         return
     buffer = ""
     for chunk in chunks:
         buffer += chunk
-        cut = buffer.rfind("\n")
-        if cut >= 0 and (cut > CHUNK_BYTES // 4 or len(buffer) > CHUNK_BYTES):
-            yield buffer[: cut + 1]
-            buffer = buffer[cut + 1:]
+        if len(buffer) < CHUNK_BYTES // 4:
+            continue
+        end = buffer.rfind("\n") + 1
+        if end == 0 and len(buffer) > CHUNK_BYTES:
+            end = buffer.rfind(" ")  # a space starts a piece, so cut just before it
+            end = end if end > 0 else len(buffer)
+        if end > 0:
+            yield buffer[:end]
+            buffer = buffer[end:]
     if buffer:
         yield buffer
 

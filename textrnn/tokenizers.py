@@ -23,6 +23,8 @@ TOKENIZER_FILE = "tokenizer.json"
 SENTENCEPIECE_FILE = "tokenizer.model"
 FORMAT_VERSION = 1
 UNKNOWN_POLICIES = ("error", "skip", "unk")
+SENTENCEPIECE_KINDS = ("bpe", "unigram")
+SPACE_MARK = "\u2581"  # SentencePiece's internal spelling of a space
 
 
 class Tokenizer(Protocol):
@@ -33,7 +35,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, unknown: str = "error") -> list[int]: ...
 
-    def encode_array(self, text: str, unknown: str = "error") -> np.ndarray: ...
+    def encode_array(self, text: str, unknown: str = "error", dtype: np.dtype | type = np.int64) -> np.ndarray: ...
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
@@ -51,8 +53,41 @@ def describe_chars(chars: Iterable[str], limit: int = 8) -> str:
 
 
 def _codepoints(text: str) -> np.ndarray:
-    """Code points of a string as uint32, vectorised (no Python loop over characters)."""
+    """Code points of a string, vectorised (no Python loop over characters).
+
+    ASCII text (the common case, and O(1) to detect) comes out as uint8; anything else as uint32.
+    Lone surrogates pass through as their own code points.
+    """
+    if text.isascii():
+        return np.frombuffer(text.encode("ascii"), dtype=np.uint8)
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+
+
+def _surrogate_error(exc: UnicodeEncodeError) -> InputError:
+    return InputError(f"text holds a lone surrogate U+{ord(exc.object[exc.start]):04X} at character "
+                      f"{exc.start}, which has no UTF-8 encoding")
+
+
+def _check_encodable(text: str) -> None:
+    """SentencePiece reads UTF-8, so a lone surrogate (say from undecodable argv bytes) is an error."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _surrogate_error(exc) from None
+
+
+def _check_unknown_policy(unknown: str) -> None:
+    if unknown not in UNKNOWN_POLICIES:
+        raise ConfigError(f"unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}")
+
+
+def smallest_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds the ids ``0 .. vocab_size - 1``."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    raise ConfigError(f"vocab size {vocab_size} is too large")
 
 
 class CharTokenizer:
@@ -69,38 +104,42 @@ class CharTokenizer:
         self.chars: list[str] = sorted(set(chars))
         if not self.chars:
             raise InputError("cannot build a character vocabulary from empty text")
-        points = np.array([ord(c) for c in self.chars], dtype=np.int64)
-        self._lookup = np.full(int(points.max()) + 1, -1, dtype=np.int64)
-        self._lookup[points] = np.arange(len(points))
+        surrogates = [c for c in self.chars if 0xD800 <= ord(c) <= 0xDFFF]
+        if surrogates:  # no file decodes to one, and tokenizer.json (UTF-8) could not hold it
+            raise InputError(f"a character vocabulary cannot hold lone surrogates: {describe_chars(surrogates)}")
         self._index = {c: i for i, c in enumerate(self.chars)}
         self.unk_id = len(self.chars)
+        # code point -> id over all of Unicode (1-4 MiB): one np.take encodes a chunk, with no
+        # bounds checks. Code points outside the vocabulary hold a sentinel one past the unknown id.
+        self._missing = len(self.chars) + 1
+        self._lookup = np.full(0x110000, self._missing, dtype=smallest_dtype(self._missing + 1))
+        self._lookup[[ord(c) for c in self.chars]] = np.arange(len(self.chars))
 
     @classmethod
-    def from_counts(cls, counts: np.ndarray) -> "CharTokenizer":
-        """Build from a code-point histogram (see ``count_codepoints``)."""
-        return cls(chr(int(p)) for p in np.flatnonzero(counts))
+    def from_codepoints(cls, seen: np.ndarray) -> "CharTokenizer":
+        """Build from an array over code points, nonzero where the corpus has that character
+        (see ``mark_codepoints``)."""
+        return cls(chr(int(p)) for p in np.flatnonzero(seen))
 
     @property
     def vocab_size(self) -> int:
         return len(self.chars) + 1
 
-    def encode_array(self, text: str, unknown: str = "error") -> np.ndarray:
-        points = _codepoints(text).astype(np.int64)
-        ids = np.full(len(points), -1, dtype=np.int64)
-        inside = points < len(self._lookup)
-        ids[inside] = self._lookup[points[inside]]
-        missing = ids < 0
+    def encode_array(self, text: str, unknown: str = "error", dtype: np.dtype | type = np.int64) -> np.ndarray:
+        """Ids of ``text`` as a ``dtype`` array (preprocess asks for its on-disk dtype directly)."""
+        _check_unknown_policy(unknown)
+        points = _codepoints(text)
+        ids = np.take(self._lookup, points, mode="clip")  # every code point is < 0x110000
+        missing = ids == self._missing
         if missing.any():
             if unknown == "error":
-                unseen = {chr(p) for p in np.unique(points[missing])}
+                unseen = [chr(p) for p in np.unique(points[missing])]
                 raise InputError(f"{len(unseen)} character(s) not in the vocabulary: {describe_chars(unseen)}")
             if unknown == "skip":
                 ids = ids[~missing]
-            elif unknown == "unk":
-                ids[missing] = self.unk_id
             else:
-                raise ConfigError(f"unknown must be one of {', '.join(UNKNOWN_POLICIES)}, got {unknown!r}")
-        return ids
+                ids[missing] = self.unk_id
+        return ids.astype(dtype, copy=False)
 
     def encode(self, text: str, unknown: str = "error") -> list[int]:
         return self.encode_array(text, unknown).tolist()
@@ -128,15 +167,27 @@ class ByteTokenizer:
     kind = "byte"
     vocab_size = 256
 
-    def encode_array(self, text: str | bytes, unknown: str = "error") -> np.ndarray:
-        data = text if isinstance(text, bytes) else text.encode("utf-8", "surrogateescape")
-        return np.frombuffer(data, dtype=np.uint8).astype(np.int64)
+    def encode_array(self, text: str | bytes, unknown: str = "error", dtype: np.dtype | type = np.int64) -> np.ndarray:
+        """Ids of the UTF-8 bytes of ``text``; ``bytes`` are taken as they are, valid UTF-8 or not.
+
+        Lone surrogates from ``surrogateescape`` (how Python reads undecodable bytes from the
+        command line) become the bytes they stand for.
+        """
+        if isinstance(text, str):
+            try:
+                text = text.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError as exc:
+                raise _surrogate_error(exc) from None
+        return np.frombuffer(text, dtype=np.uint8).astype(dtype)
 
     def encode(self, text: str | bytes, unknown: str = "error") -> list[int]:
-        return self.encode_array(text).tolist()
+        return list(text if isinstance(text, bytes) else self.encode_array(text, dtype=np.uint8).tobytes())
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
-        return bytes(int(i) & 0xFF for i in ids)
+        ids = np.fromiter((int(i) for i in ids), dtype=np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() > 255):
+            raise InputError(f"byte ids must be 0..255, got {int(ids.min() if ids.min() < 0 else ids.max())}")
+        return ids.astype(np.uint8).tobytes()
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", "replace")
@@ -152,13 +203,18 @@ class SentencePieceTokenizer:
     """A SentencePiece ``bpe`` or ``unigram`` model trained so that decode(encode(s)) == s.
 
     SentencePiece drops newlines and collapses spaces by default; here "\\n" is a user-defined
-    symbol, normalisation is the identity, no dummy prefix is added, extra whitespace is kept,
-    and byte fallback covers any character the model has not seen.
+    symbol (so a piece never spans a line break), normalisation is the identity, no dummy prefix
+    is added, extra whitespace is kept, and byte fallback covers any character the model has not
+    seen: tabs, CR, control characters, rare emoji. One character needs help: SentencePiece writes
+    spaces as U+2581 "▁" internally and decodes that character back to a space, so a literal "▁"
+    in the text is encoded as its three UTF-8 byte pieces instead.
     """
 
     def __init__(self, model_proto: bytes, kind: str):
         import sentencepiece as spm
 
+        if kind not in SENTENCEPIECE_KINDS:
+            raise ConfigError(f"SentencePiece kind must be one of {', '.join(SENTENCEPIECE_KINDS)}, got {kind!r}")
         self.kind = kind
         self.model_proto = model_proto
         self._sp = spm.SentencePieceProcessor()
@@ -166,28 +222,35 @@ class SentencePieceTokenizer:
             self._sp.LoadFromSerializedProto(model_proto)
         except Exception as exc:  # sentencepiece raises RuntimeError/OSError on bad protos
             raise CheckpointError(f"not a valid SentencePiece model ({exc})") from None
+        self._space_mark_ids = [self._sp.PieceToId(f"<0x{b:02X}>") for b in SPACE_MARK.encode("utf-8")]
+        if self._sp.unk_id() in self._space_mark_ids:
+            raise CheckpointError("the SentencePiece model has no byte pieces; it was not trained by textrnn")
 
     @classmethod
     def train(cls, sentences: Iterable[str], kind: str, vocab_size: int, large_alphabet: bool,
               warn: Callable[[str], None] = lambda _: None) -> "SentencePieceTokenizer":
-        """Train on an iterator of multi-line text chunks.
+        """Train on an iterator of multi-line text chunks (already sampled and bounded by the caller).
 
         A ``vocab_size`` beyond what the corpus supports is lowered to the largest possible
-        size with a warning, not an error.
+        size with a warning, not an error. One too small for the corpus's characters plus the
+        256 byte pieces is an error that names the smallest size that works.
         """
         import io
 
         import sentencepiece as spm
 
-        chunks = list(sentences)  # already sampled and bounded by the caller
+        # the literal space mark is always encoded as bytes (see the class docstring)
+        chunks = [chunk.replace(SPACE_MARK, "") for chunk in sentences]
+        chunks = [chunk for chunk in chunks if chunk]
+        if not chunks:
+            raise InputError("no text to train a SentencePiece model on")
         options = dict(
             model_type=kind, vocab_size=vocab_size, character_coverage=0.9995 if large_alphabet else 1.0,
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-            split_by_whitespace=True, user_defined_symbols=["\n", "\r", "\t"], byte_fallback=True,
+            split_by_whitespace=True, user_defined_symbols=["\n"], byte_fallback=True, unk_surface="\ufffd",
             max_sentence_length=1 << 16, input_sentence_size=0, shuffle_input_sentence=False,
             bos_id=-1, eos_id=-1, pad_id=-1, unk_id=0, minloglevel=2, num_threads=min(4, os.cpu_count() or 1),
         )
-        # the last warning-free vocabulary size the trainer names, when the request is too large
         for _ in range(3):
             stream = io.BytesIO()
             try:
@@ -195,17 +258,17 @@ class SentencePieceTokenizer:
                 return cls(stream.getvalue(), kind)
             except RuntimeError as exc:
                 message = str(exc)
-                match = re.search(r"<= (\d+)", message)
-                if "Vocabulary size is too high" in message or "vocab_size" in message and match:
-                    if not match:
-                        break
-                    limit = int(match.group(1))
-                    warn(f"vocab size {options['vocab_size']} is more than this corpus supports; using {limit}")
+                too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+                too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
+                if too_high:
+                    limit = int(too_high.group(2))
+                    warn(f"warning: vocab size {options['vocab_size']} is more than this corpus supports; "
+                         f"using {limit}")
                     options["vocab_size"] = limit
                     continue
-                if "smaller than required_chars" in message or "Vocabulary size is smaller" in message:
-                    raise ConfigError(f"vocab size {vocab_size} is too small for this corpus "
-                                      f"with byte fallback; use at least 300 ({message.splitlines()[-1]})") from None
+                if too_low:
+                    raise ConfigError(f"vocab size {vocab_size} is too small for this corpus: its characters and "
+                                      f"the 256 byte pieces need at least {too_low.group(2)}") from None
                 raise ConfigError(f"SentencePiece training failed: {message.strip().splitlines()[-1]}") from None
         raise ConfigError(f"SentencePiece could not train a {kind} model with vocab size {vocab_size}")
 
@@ -213,14 +276,26 @@ class SentencePieceTokenizer:
     def vocab_size(self) -> int:
         return self._sp.GetPieceSize()
 
-    def encode_array(self, text: str, unknown: str = "error") -> np.ndarray:
-        return np.asarray(self._sp.EncodeAsIds(text), dtype=np.int64)
-
     def encode(self, text: str, unknown: str = "error") -> list[int]:
-        return list(self._sp.EncodeAsIds(text))
+        """Ids of ``text``; every string is encodable (byte fallback), so ``unknown`` has no effect."""
+        _check_encodable(text)
+        if SPACE_MARK not in text:
+            return self._sp.EncodeAsIds(text)
+        parts = self._sp.EncodeAsIds(text.split(SPACE_MARK))
+        ids = parts[0]
+        for part in parts[1:]:
+            ids += self._space_mark_ids
+            ids += part
+        return ids
+
+    def encode_array(self, text: str, unknown: str = "error", dtype: np.dtype | type = np.int64) -> np.ndarray:
+        return np.asarray(self.encode(text), dtype=dtype)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.DecodeIds([int(i) for i in ids])
+        """Text of ``ids``; ids outside the vocabulary and invalid UTF-8 bytes decode to U+FFFD."""
+        size, unk = self.vocab_size, self._sp.unk_id()
+        ids = [i if 0 <= i < size else unk for i in map(int, ids)]
+        return self._sp.DecodeIds(ids)
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "vocab_size": self.vocab_size, "model_file": SENTENCEPIECE_FILE}
@@ -232,32 +307,43 @@ class SentencePieceTokenizer:
         _write_json(Path(directory) / TOKENIZER_FILE, {"version": FORMAT_VERSION, **self.to_dict()})
 
 
-def count_codepoints(text: str, counts: np.ndarray | None = None) -> np.ndarray:
-    """Add a chunk's code-point histogram to ``counts`` (vectorised; for building char vocabularies)."""
-    points = _codepoints(text)
-    if counts is None:
-        counts = np.zeros(0x110000, dtype=np.int64)
-    if len(points):
-        counts += np.bincount(points, minlength=0x110000)[:0x110000]
-    return counts
+def mark_codepoints(text: str, seen: np.ndarray | None = None) -> np.ndarray:
+    """Mark the code points of ``text`` in ``seen``, a bool array over all of Unicode.
+
+    For building char vocabularies chunk by chunk, and fast on text that is mostly ASCII: the
+    ASCII characters already seen are deleted from the UTF-8 bytes by one C call (deleting
+    ASCII bytes leaves valid UTF-8), and only what is left goes through numpy.
+    """
+    if seen is None:
+        seen = np.zeros(0x110000, dtype=bool)
+    known_ascii = np.flatnonzero(seen[:128]).astype(np.uint8).tobytes()
+    rest = text.encode("utf-8", "surrogatepass").translate(None, known_ascii)
+    if rest:
+        points = _codepoints(rest.decode("utf-8", "surrogatepass"))
+        known = np.take(seen, points, mode="clip")  # every code point is < 0x110000
+        if not known.all():
+            seen[np.unique(points[~known])] = True
+    return seen
 
 
 def iter_training_chunks(text_chunks: Iterable[str], max_chars: int = 4000) -> Iterator[str]:
     """Cut text into multi-line pieces of at most ``max_chars`` for SentencePiece training.
 
-    Pieces keep their newlines (SentencePiece sees "\\n" as a symbol); a line longer than
-    ``max_chars`` is cut into several pieces, so no sentence is ever dropped for its length.
+    Pieces end after a newline where one is in reach (SentencePiece sees "\\n" as a symbol); a
+    line longer than ``max_chars`` is cut into several pieces, so no text is ever dropped for
+    its length.
     """
-    buffer = ""
+    rest = ""
     for chunk in text_chunks:
-        buffer += chunk
-        while len(buffer) >= max_chars:
-            cut = buffer.rfind("\n", 0, max_chars)
-            cut = max_chars if cut <= 0 else cut + 1
-            yield buffer[:cut]
-            buffer = buffer[cut:]
-    if buffer:
-        yield buffer
+        text, start = rest + chunk, 0
+        while len(text) - start >= max_chars:
+            cut = text.rfind("\n", start, start + max_chars)
+            end = start + max_chars if cut < start else cut + 1
+            yield text[start:end]
+            start = end
+        rest = text[start:]
+    if rest:
+        yield rest
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -275,7 +361,7 @@ def tokenizer_from_dict(data: dict, directory: Path) -> Tokenizer:
         return CharTokenizer(chars)
     if kind == "byte":
         return ByteTokenizer()
-    if kind in ("bpe", "unigram"):
+    if kind in SENTENCEPIECE_KINDS:
         model_path = directory / SENTENCEPIECE_FILE
         try:
             proto = model_path.read_bytes()
@@ -292,7 +378,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not file.is_file():
         raise CheckpointError(f"{directory}: no {TOKENIZER_FILE} here; is this a textrnn run or data directory?")
     try:
-        data = json.loads(file.read_text(encoding="utf-8"))
+        data = json.loads(file.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{file}: not a valid tokenizer file ({exc})") from None
     if not isinstance(data, dict):

@@ -1,0 +1,54 @@
+"""Fixtures shared by the test files: seeding, running the real CLI, and small corpora.
+
+``run_cli`` runs ``python -m textrnn`` in a subprocess, so a test sees exactly what a user sees:
+the exit code, stdout and stderr (a traceback included, if one escaped). ``seed`` seeds Python,
+numpy and torch through the package's one seeding helper.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str | os.PathLike, cwd: str | os.PathLike | None = None,
+            input: str | bytes | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m textrnn ARGS...`` and return the finished process (text stdout/stderr).
+
+    ``input`` goes to standard input (str is encoded as UTF-8). The child gets no terminal, so
+    no progress bars, and it imports this checkout's ``textrnn`` whatever ``cwd`` is.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["PYTHONIOENCODING"] = "utf-8"
+    env.pop("TEXTRNN_PROGRESS", None)
+    data = input.encode("utf-8") if isinstance(input, str) else input
+    done = subprocess.run([sys.executable, "-m", "textrnn", *map(str, args)], cwd=cwd, input=data,
+                          capture_output=True, env=env, timeout=300)
+    return subprocess.CompletedProcess(done.args, done.returncode,
+                                       done.stdout.decode("utf-8", "replace"),
+                                       done.stderr.decode("utf-8", "replace"))
+
+
+@pytest.fixture
+def seed() -> int:
+    """Seed Python, numpy and torch with 0 (imports torch only for the tests that ask for it)."""
+    from textrnn.runtime import set_seed
+
+    set_seed(0)
+    return 0
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    """A small UTF-8 text file (about 6 kB) with multibyte characters, tabs and blank lines."""
+    lines = [f"line {n}: to be, or not to be \u2014 na\u00efve caf\u00e9\tend\n" for n in range(100)]
+    path = tmp_path / "tiny.txt"
+    path.write_text("".join(lines) + "\n\u65e5\u672c\u8a9e \U0001F600\n", encoding="utf-8")
+    return path
