@@ -33,7 +33,7 @@ class _App(typer.Typer):
         try:
             result = command.main(*args, standalone_mode=False, **kwargs)
         except _ClickException as exc:
-            _fail(exc.format_message(), exc.exit_code)
+            _fail(exc.format_message().replace("Value error, ", ""), exc.exit_code)
         except typer.Exit as exc:
             sys.exit(exc.exit_code)
         except (typer.Abort, KeyboardInterrupt):
@@ -70,6 +70,10 @@ def _run(function, *args, **kwargs):
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except MemoryError:
+        _fail("out of memory; try a smaller model, --batch-size or input", 1)
+    except RuntimeError as exc:
+        if "can't allocate memory" not in str(exc):  # torch's CPU allocator says so instead of MemoryError
+            raise
         _fail("out of memory; try a smaller model, --batch-size or input", 1)
 
 
@@ -143,6 +147,7 @@ def preprocess(
 
 _MODEL_KEYS = {"cell", "num_layers", "hidden_size", "embedding_dim", "dropout", "tie_weights"}
 _DATA_KEYS = {"tokenizer", "vocab_size", "val_fraction", "errors", "preset"}
+_DATA_TYPES = {"tokenizer": str, "vocab_size": int, "val_fraction": (int, float), "errors": str, "preset": str}
 
 
 def _read_toml(path: Path) -> dict:
@@ -159,6 +164,8 @@ def _read_toml(path: Path) -> dict:
         raise InputError(f"{path}: is a directory, expected a TOML file") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: malformed TOML ({exc})") from None
+    except UnicodeDecodeError as exc:  # tomllib reads UTF-8 only
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at {exc.start})") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
     flat: dict = {}
@@ -172,13 +179,20 @@ def _read_toml(path: Path) -> dict:
     if unknown:
         raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
     if "max_time" in flat:
-        flat["max_time"] = parse_duration(flat["max_time"])
+        try:
+            flat["max_time"] = parse_duration(flat["max_time"])
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: max_time: {exc}") from None
     return flat
 
 
 def _build_configs(file_settings: dict, flags: dict, source: str) -> tuple[ModelConfig, TrainConfig, dict]:
     """Preset, then the config file, then command-line flags (flags win)."""
     settings = {**file_settings, **{k: v for k, v in flags.items() if v is not None}}
+    for key, kinds in _DATA_TYPES.items():  # not dataclass fields, so from_dict does not check them
+        value = settings.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise ConfigError(f"{source}: {key} has the wrong type ({type(value).__name__}: {value!r})")
     name = settings.pop("preset", DEFAULT_PRESET)
     if not isinstance(name, str):
         raise ConfigError(f"{source}: preset must be a name")
@@ -256,6 +270,8 @@ def train(
         result = _run(run_training, inputs, out, model_config, train_config, tokenizer=data.get("tokenizer", "char"),
                       vocab_size=data.get("vocab_size"), val_fraction=data.get("val_fraction", 0.1),
                       errors=data.get("errors", "strict"), progress=progress, log=_warn)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 reports
     best = f"{result.best_val_bpc:.4f}" if result.best_val_bpc is not None else "-"
     print(f"done: best val bpc {best} (loss {result.best_val_loss:.4f}) after {result.step} steps in "
           f"{format_duration(result.elapsed)} ({result.stop_reason}); run saved in {result.run_dir}", file=sys.stderr)
@@ -295,13 +311,26 @@ class _Output:
     def write(self, text: str) -> None:
         if self.closed:
             return
+        if sys.stdout is None:  # started with file descriptor 1 closed (``textrnn generate >&-``)
+            _fail("standard output is closed; nothing can be written", 1)
         try:
             sys.stdout.write(text)
             sys.stdout.flush()
         except BrokenPipeError:
             self.closed = True
+            self._silence()
+        except OSError as exc:  # a full disk or device (``> /dev/full``): say so, no traceback
+            self._silence()
+            _fail(f"standard output: cannot write ({exc.strerror or exc})", 1)
+
+    @staticmethod
+    def _silence() -> None:
+        """Point stdout at /dev/null, so that the interpreter's final flush of leftover text cannot fail again."""
+        try:
             devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a real file (tests capture it)
+            pass
 
 
 @app.command()
@@ -351,8 +380,10 @@ def generate(
 
 def _emit(sampler, prompt: str, options: dict, num_samples: int, stream: bool, out: _Output) -> None:
     if num_samples == 1 and stream:
-        out.write(prompt)
-        for piece in _run(lambda: iter(sampler.stream(prompt, **options))):
+        pieces = _run(sampler.stream, prompt, **options)  # checks the prompt and settings, before any output
+        first = _run(next, pieces, "")
+        out.write(prompt + first)
+        for piece in pieces:
             out.write(piece)
             if out.closed:
                 return
@@ -370,7 +401,8 @@ def _interactive(sampler, options: dict, out: _Output) -> None:
     print("type a prompt and press Enter (an empty line samples from scratch); Ctrl-D to quit", file=sys.stderr)
     while True:
         try:
-            line = input("> ")
+            print("> ", end="", file=sys.stderr, flush=True)  # stdout holds only generated text
+            line = input()
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return

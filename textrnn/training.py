@@ -8,11 +8,14 @@ prints; messages go to the ``log`` callback and the progress bar to stderr.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+import shutil
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -56,6 +59,7 @@ class TrainResult:
 class _Dist:
     rank: int = 0
     world_size: int = 1
+    owns_group: bool = False  # train() made the process group, so it destroys it
 
     @property
     def enabled(self) -> bool:
@@ -78,20 +82,42 @@ def _init_distributed(device_name: str) -> tuple[_Dist, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
+    owns_group = not dist.is_initialized()  # a caller's own group is used and left alone
+    if owns_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return _Dist(rank, world_size), device
+    return _Dist(rank, world_size, owns_group), device
 
 
-def _any_rank(flag: bool, dist_info: _Dist, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any rank (so all stop at the same step)."""
+def _reduce_step(bad: bool, loss: float, dist_info: _Dist, device: torch.device) -> tuple[bool, float]:
+    """Whether any rank had a bad step (so all skip it), and the loss averaged over the ranks' streams
+    (this rank's own loss after a bad step): one all-reduce."""
     if not dist_info.enabled:
-        return flag
+        return bad, loss
     import torch.distributed as dist
 
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    value = torch.tensor([1.0 if bad else 0.0, 0.0 if bad else loss], dtype=torch.float64, device=device)
+    dist.all_reduce(value)
+    if value[0] > 0:
+        return True, loss
+    return False, float(value[1]) / dist_info.world_size
+
+
+def _agree(elapsed: float, flag: bool, dist_info: _Dist, device: torch.device) -> tuple[float, bool]:
+    """The largest elapsed time of all ranks, and whether ``flag`` is true on any rank (one all-reduce)."""
+    if not dist_info.enabled:
+        return elapsed, flag
+    import torch.distributed as dist
+
+    value = torch.tensor([elapsed, 1.0 if flag else 0.0], dtype=torch.float64, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return float(value[0]), bool(value[1] > 0)
+
+
+def _barrier(dist_info: _Dist) -> None:
+    if dist_info.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _broadcast(value, dist_info: _Dist):
@@ -108,16 +134,25 @@ def _broadcast(value, dist_info: _Dist):
 # ---------------------------------------------------------------- signals
 
 class _StopSignal:
-    """First SIGINT/SIGTERM asks for a stop at the next step boundary; a second exits at once."""
+    """First SIGINT/SIGTERM asks for a stop at the next step boundary; a second exits at once.
 
-    def __init__(self) -> None:
+    ``repeat_grace`` seconds after the first, a second signal is taken as the same request: under
+    torchrun a scheduler (``scancel``) signals the workers and torchrun forwards its own copy too.
+    """
+
+    def __init__(self, repeat_grace: float = 0.0) -> None:
         self.received: str | None = None
+        self.repeat_grace = repeat_grace
+        self._first_at = 0.0
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None:
-            os._exit(130)  # the last complete checkpoint stays intact: writes are atomic
+            if time.monotonic() - self._first_at >= self.repeat_grace:
+                os._exit(130)  # the last complete checkpoint stays intact: writes are atomic
+            return
         self.received = signal.Signals(signum).name
+        self._first_at = time.monotonic()
 
     def __enter__(self) -> "_StopSignal":
         if threading.current_thread() is threading.main_thread():
@@ -171,7 +206,15 @@ def _default_run_dir(inputs: list[Path]) -> Path:
 def _data_fingerprint(dataset: Dataset) -> dict[str, str]:
     from .data import _sha256
 
-    return {name: _sha256(dataset.path / f"{name}.bin") for name in ("train", "val")}
+    fingerprint = {}
+    for name in ("train", "val"):
+        path = dataset.path / f"{name}.bin"
+        try:
+            fingerprint[name] = _sha256(path)
+        except OSError as exc:  # deleted or moved since preprocessing
+            raise CheckpointError(f"{path}: cannot read the training data ({exc.strerror}); "
+                                  f"it is needed to resume") from None
+    return fingerprint
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig, fused_ok: bool) -> torch.optim.AdamW:
@@ -205,6 +248,13 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
         raise CheckpointError(f"{path}: optimizer state does not match the model ({exc})") from None
 
 
+def _what_is_kept(run_dir: Path) -> str:
+    """The end of a failure message: the checkpoint a failed run leaves, if it saved one yet."""
+    if any((run_dir / name / ckpt.STATE_FILE).is_file() for name in (ckpt.LAST_DIR, ckpt.LAST_DIR + ".old")):
+        return f"the last good checkpoint in {run_dir} is kept"
+    return f"no checkpoint had been saved in {run_dir} yet"
+
+
 def _check_finite(model: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -231,10 +281,17 @@ def train(inputs: list[str | os.PathLike] | None = None, out_dir: str | os.PathL
     try:
         return _train(dist_info, device, inputs, out_dir, model_config, train_config, resume, resume_overrides or {},
                       tokenizer, vocab_size, val_fraction, errors, progress, log, should_stop)
+    except BaseException as exc:
+        if dist_info.owns_group:  # the traceback would keep the DDP wrapper alive past its group: see below
+            traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
-        if dist_info.enabled:
+        if dist_info.owns_group:
             import torch.distributed as dist
 
+            # DDP must die before its process group: a gloo group whose last owner is DDP's reducer is
+            # destroyed holding the GIL, and deadlocks with gloo threads still freeing tensors (torch bug)
+            gc.collect()
             if dist.is_initialized():
                 dist.destroy_process_group()
 
@@ -250,31 +307,47 @@ def _setup_new(dist_info, inputs, out_dir, model_config, train_config, tokenizer
         raise InputError(f"{run_dir}: already holds a run; use --resume {run_dir} or another --out")
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"{run_dir}: exists and is not a directory")
+    created = not run_dir.exists()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{run_dir}: cannot create the run directory ({exc.strerror})") from None
     if not os.access(run_dir, os.W_OK):
         raise InputError(f"{run_dir}: output directory is not writable")
-    if len(paths) == 1 and is_dataset_dir(paths[0]):
-        data_dir = paths[0].resolve()
-    else:
-        data_dir = (run_dir / "data").resolve()
-        preprocess(paths, data_dir, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
-                   errors=errors, progress=progress, warn=log)
-    dataset = load_dataset(data_dir)
-    model_config.vocab_size = dataset.tokenizer.vocab_size
-    dataset.tokenizer.save(run_dir)
-    config = {
-        "format": ckpt.RUN_FORMAT, "version": ckpt.FORMAT_VERSION,
-        "model": model_config.to_dict(), "train": train_config.to_dict(),
-        "tokenizer": dataset.tokenizer.to_dict(),
-        "data": {"path": str(data_dir), "sha256": _data_fingerprint(dataset),
-                 "chars_per_token": {s: dataset.chars_per_token(s) for s in ("train", "val")}},
-        "world_size": dist_info.world_size, "torch": torch.__version__,
-    }
-    ckpt.write_json(run_dir / ckpt.CONFIG_FILE, config)
+    try:
+        if len(paths) == 1 and is_dataset_dir(paths[0]):
+            data_dir = paths[0].resolve()
+        else:
+            data_dir = (run_dir / "data").resolve()
+            preprocess(paths, data_dir, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
+                       errors=errors, progress=progress, warn=log)
+        dataset = load_dataset(data_dir)
+        _check_enough_data(dataset, train_config, dist_info.world_size)  # before config.json makes this a run
+        model_config.vocab_size = dataset.tokenizer.vocab_size
+        dataset.tokenizer.save(run_dir)
+        config = {
+            "format": ckpt.RUN_FORMAT, "version": ckpt.FORMAT_VERSION,
+            "model": model_config.to_dict(), "train": train_config.to_dict(),
+            "tokenizer": dataset.tokenizer.to_dict(),
+            "data": {"path": str(data_dir), "sha256": _data_fingerprint(dataset),
+                     "chars_per_token": {s: dataset.chars_per_token(s) for s in ("train", "val")}},
+            "world_size": dist_info.world_size, "torch": torch.__version__,
+        }
+        ckpt.write_json(run_dir / ckpt.CONFIG_FILE, config)
+    except BaseException:
+        if created:  # a run that cannot start leaves nothing behind (not even the preprocessed data)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return run_dir, config
+
+
+def _check_enough_data(dataset: Dataset, config: TrainConfig, world_size: int) -> None:
+    """Refuse data too short for one training batch, or without a validation split (as ``_train`` would)."""
+    TrainStreams(dataset.split("train"), config.seq_len, config.batch_size, config.seed,
+                 total_streams=config.batch_size * world_size)
+    val_tokens = dataset.meta["splits"]["val"]["tokens"]
+    if val_tokens < 2:
+        raise InputError(f"{dataset.path}: the validation split has {val_tokens} tokens; raise --val-fraction")
 
 
 def _setup_resume(run_dir: Path, overrides: dict) -> dict:
@@ -310,10 +383,10 @@ def _train(dist_info, device, inputs, out_dir, model_config, train_config, resum
                 setup = _setup_new(dist_info, inputs, out_dir, model_config, train_config, tokenizer, vocab_size,
                                    val_fraction, errors, progress, log)
                 setup = (str(setup[0]), setup[1])
-            except TextRNNError as exc:
-                setup = {"error": str(exc), "type": type(exc).__name__}
-                if not dist_info.enabled:
-                    raise
+            except BaseException as exc:  # whatever failed, release the other ranks waiting in the broadcast
+                if dist_info.enabled:
+                    _broadcast({"error": str(exc) or type(exc).__name__}, dist_info)
+                raise
         setup = _broadcast(setup, dist_info)
         if isinstance(setup, dict):
             raise InputError(setup["error"])
@@ -323,7 +396,7 @@ def _train(dist_info, device, inputs, out_dir, model_config, train_config, resum
     dataset = load_dataset(config["data"]["path"]) if Path(config["data"]["path"]).is_dir() else None
     if dataset is None:
         raise CheckpointError(f"{run_dir}: training data {config['data']['path']} is missing")
-    if resume and dist_info.is_main:
+    if resume:  # every rank checks its own copy, so all raise together (none waits in a collective)
         current = _data_fingerprint(dataset)
         for split, digest in config["data"]["sha256"].items():
             if current.get(split) != digest:
@@ -363,9 +436,12 @@ def _train(dist_info, device, inputs, out_dir, model_config, train_config, resum
     if hidden is None:
         hidden = model.init_state(batch, device)
 
+    # as many eval streams as train streams over all ranks, so N ranks x B report what 1 x N*B would
+    eval_streams = train_config.eval_batches or batch * dist_info.world_size
+
     def evaluate() -> tuple[float, float]:
         loss_sum, count = evaluate_ids(model, val_ids, seq_len=train_config.seq_len,
-                                       streams=train_config.eval_streams, device=device, precision=precision,
+                                       streams=eval_streams, device=device, precision=precision,
                                        rank=dist_info.rank, world_size=dist_info.world_size)
         result = summarize(loss_sum, count, chars_per_token["val"])
         return result.loss, result.bpc
@@ -387,22 +463,23 @@ def _train(dist_info, device, inputs, out_dir, model_config, train_config, resum
     tokens_per_step = batch * train_config.seq_len * dist_info.world_size
     start_time = time.perf_counter() - state["elapsed"]
     last_log_time, last_log_step = time.perf_counter(), state["step"]
-    loss_window: list[float] = []
+    # losses since the last train row; kept in state.json so a resumed run logs the same rows
+    loss_window: list[float] = state.setdefault("loss_window", [])
     consecutive_bad = 0
     stop_reason = ""
     bar = _progress_bar(progress, train_config, state["step"], streams.steps_per_epoch)
     last_val_bpc = state["best_val_bpc"]
     diverged_loss = DIVERGED_FACTOR * math.log(max(vocab, 2))
     model.train()
-    with _StopSignal() as signals:
+    with _StopSignal(repeat_grace=2.0 if dist_info.enabled else 0.0) as signals:
         try:
             while True:
-                elapsed = time.perf_counter() - start_time
-                stop_reason = _stop_reason(train_config, state, elapsed, streams.steps_per_epoch)
                 interrupt = signals.received or (should_stop and should_stop(state["step"]) and "stop requested")
-                if _any_rank(bool(interrupt) or bool(stop_reason), dist_info, device):
-                    if not stop_reason:
-                        stop_reason = f"interrupted ({interrupt or 'another rank'})"
+                # every rank must see the same clock (max_time, cosine progress) and take the same branch
+                elapsed, interrupted = _agree(time.perf_counter() - start_time, bool(interrupt), dist_info, device)
+                stop_reason = _stop_reason(train_config, state, elapsed, streams.steps_per_epoch)
+                if stop_reason or interrupted:  # a stopping rule wins over an interruption, as without DDP
+                    stop_reason = stop_reason or f"interrupted ({interrupt or 'another rank'})"
                     break
                 if state["step_in_epoch"] >= streams.steps_per_epoch:  # new epoch: fresh state, new offset
                     state["epoch"] += 1
@@ -425,7 +502,8 @@ def _train(dist_info, device, inputs, out_dir, model_config, train_config, resum
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip or float("inf"))
                 loss_value, norm_value = float(loss.detach()), float(grad_norm)
                 bad = not (math.isfinite(loss_value) and math.isfinite(norm_value)) or loss_value > diverged_loss
-                if _any_rank(bad, dist_info, device):
+                bad, loss_value = _reduce_step(bad, loss_value, dist_info, device)  # the same on every rank
+                if bad:
                     consecutive_bad += 1
                     state["bad_steps"] += 1
                     optimizer.zero_grad(set_to_none=True)
@@ -435,7 +513,7 @@ def _train(dist_info, device, inputs, out_dir, model_config, train_config, resum
                     if consecutive_bad >= train_config.max_bad_steps:
                         raise TrainingError(
                             f"training diverged: {consecutive_bad} bad steps in a row at step {state['step']} "
-                            f"(non-finite or exploding loss); the last good checkpoint in {run_dir} is kept; "
+                            f"(non-finite or exploding loss); {_what_is_kept(run_dir)}; "
                             f"try a lower --lr or a tighter --clip")
                 else:
                     optimizer.step()
@@ -447,14 +525,17 @@ def _train(dist_info, device, inputs, out_dir, model_config, train_config, resum
                 state["elapsed"] = time.perf_counter() - start_time
                 step = state["step"]
 
-                if step % train_config.log_every == 0 and dist_info.is_main and loss_window:
+                if step % train_config.log_every == 0 and loss_window:
                     now = time.perf_counter()
                     rate = (step - last_log_step) * tokens_per_step * chars_per_token["train"] / (now - last_log_time)
-                    ckpt.append_metrics(run_dir, {"kind": "train", "step": step, "loss": float(np.mean(loss_window)),
-                                                  "lr": lr, "grad_norm": norm_value, "chars_per_sec": rate,
-                                                  "elapsed": state["elapsed"]})
+                    if dist_info.is_main:
+                        ckpt.append_metrics(run_dir, {"kind": "train", "step": step,
+                                                      "loss": float(np.mean(loss_window)), "lr": lr,
+                                                      "grad_norm": norm_value, "chars_per_sec": rate,
+                                                      "elapsed": state["elapsed"]})
                     _bar_update(bar, step, float(np.mean(loss_window)), last_val_bpc, rate, train_config, state)
-                    loss_window, last_log_time, last_log_step = [], now, step
+                    loss_window.clear()  # on every rank, so that no rank's window grows without end
+                    last_log_time, last_log_step = now, step
                 elif bar is not None:
                     bar.update(step - bar.n)
 
@@ -474,6 +555,7 @@ def _train(dist_info, device, inputs, out_dir, model_config, train_config, resum
         if stop_reason.startswith("interrupted"):
             save_last()
             _plot(run_dir, dist_info, log)
+            _barrier(dist_info)  # torchrun stops every rank when one exits: none may leave before rank 0 saved
             raise Interrupted(f"training interrupted at step {state['step']}; saved {run_dir}/{ckpt.LAST_DIR}; "
                               f"continue with: textrnn train --resume {run_dir}")
         if state["step"] % train_config.eval_every != 0 or state["best_val_loss"] is None:
@@ -499,7 +581,7 @@ def _evaluate_and_save(evaluate, run_dir: Path, model, state: dict, dist_info: _
     val_loss, val_bpc = evaluate()
     if not math.isfinite(val_loss):
         raise TrainingError(f"validation loss is {val_loss} at step {state['step']}; training diverged; "
-                            f"the last good checkpoint in {run_dir} is kept")
+                            f"{_what_is_kept(run_dir)}")
     if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
         state["best_val_loss"], state["best_val_bpc"] = val_loss, val_bpc
         if dist_info.is_main:
@@ -624,7 +706,8 @@ def plot_losses(run_dir: Path, log: Callable[[str], None] = lambda _: None) -> P
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train_rows or eval_rows:  # an empty legend is a UserWarning on stderr
+        ax.legend()
     import io
 
     buffer = io.BytesIO()
