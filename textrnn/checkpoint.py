@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,9 +91,19 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
+def read_regular_file(path: str | os.PathLike) -> bytes:
+    """The bytes of a regular file (after symlinks). A FIFO, device or directory is refused, not read:
+    a hostile run directory could point model.safetensors at /dev/zero or a pipe that never ends."""
+    path = Path(path)
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise CheckpointError(f"{path}: not a regular file")
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
 def read_json(path: Path, what: str) -> dict:
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(read_regular_file(path).decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; is this a textrnn {what}?") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -162,7 +173,7 @@ def load_tensors(path: Path) -> dict:
 
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except OSError as exc:
@@ -217,19 +228,25 @@ def last_dir(run_dir: Path) -> Path:
 
 
 def append_metrics(run_dir: Path, row: dict) -> None:
-    with open(Path(run_dir) / METRICS_FILE, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row) + "\n")
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+    except OSError as exc:  # a full disk: a clear message, and the checkpoints already saved stay intact
+        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
     rows = []
     if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
+            if isinstance(row, dict) and isinstance(row.get("step", 0), (int, float)):  # not damage
+                rows.append(row)
     return rows
 
 
@@ -250,9 +267,15 @@ class Run:
 
 def load_weights(model, path: Path) -> None:
     """Load a safetensors state dict into ``model``, checking names, shapes and dtypes."""
+    tensors = load_tensors(path)
+    check_weights(model, tensors, path)
+    model.load_state_dict(tensors, strict=False)
+
+
+def check_weights(model, tensors: dict, path: Path) -> None:
+    """Raise CheckpointError unless ``tensors`` fit ``model`` (which may live on the meta device)."""
     import torch
 
-    tensors = load_tensors(path)
     expected = model.state_dict()
     # a tied head shares the embedding tensor; safetensors stores it once
     missing = sorted(set(expected) - set(tensors) - _tied_keys(model))
@@ -269,7 +292,6 @@ def load_weights(model, path: Path) -> None:
             raise CheckpointError(f"{path}: {name} is {tensor.dtype}, expected {want.dtype}")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: {name} holds NaN or infinite values")
-    model.load_state_dict(tensors, strict=False)
 
 
 def _tied_keys(model) -> set[str]:
@@ -303,9 +325,12 @@ def load_run(run_dir: str | os.PathLike, device=None, weights: str = "best") -> 
     if model_config.vocab_size != tokenizer.vocab_size:
         raise CheckpointError(f"{run_dir}: the model's vocabulary ({model_config.vocab_size}) does not match "
                               f"the tokenizer's ({tokenizer.vocab_size})")
-    model = RNNLanguageModel(model_config)
     path = run_dir / WEIGHTS_FILE if weights == "best" else last_dir(run_dir) / WEIGHTS_FILE
-    load_weights(model, path)
+    tensors = load_tensors(path)
+    with torch.device("meta"):  # shapes only, nothing allocated: a hostile config.json cannot exhaust memory
+        check_weights(RNNLanguageModel(model_config), tensors, path)
+    model = RNNLanguageModel(model_config)
+    model.load_state_dict(tensors, strict=False)
     device = torch.device(device) if device is not None else torch.device("cpu")
     model.to(device).eval()
     return Run(run_dir, config, model, tokenizer, device)

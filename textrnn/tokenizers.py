@@ -363,11 +363,16 @@ def tokenizer_from_dict(data: dict, directory: Path) -> Tokenizer:
         return ByteTokenizer()
     if kind in SENTENCEPIECE_KINDS:
         model_path = directory / SENTENCEPIECE_FILE
+        from .checkpoint import read_regular_file
+
         try:
-            proto = model_path.read_bytes()
+            proto = read_regular_file(model_path)
         except OSError as exc:
             raise CheckpointError(f"{model_path}: cannot read the SentencePiece model ({exc.strerror})") from None
-        return SentencePieceTokenizer(proto, kind)
+        try:
+            return SentencePieceTokenizer(proto, kind)
+        except CheckpointError as exc:  # say which file
+            raise CheckpointError(f"{model_path}: {exc}") from None
     raise CheckpointError(f"{directory / TOKENIZER_FILE}: unknown tokenizer kind {kind!r}")
 
 

@@ -221,7 +221,14 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig, fused_ok: bool) -> t
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embedding" in n]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99), foreach=fused_ok or None)
+    if fused_ok:
+        # one kernel per tensor instead of about ten: on a CPU each kernel is a parallel region whose threads
+        # must meet, so on a busy machine the unfused step took 5-50x longer (see bench/train_throughput.py)
+        try:
+            return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99), fused=True)
+        except RuntimeError:  # torch < 2.4 has no fused CPU kernel
+            pass
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99))
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -373,6 +380,7 @@ def _train(dist_info, device, inputs, out_dir, model_config, train_config, resum
     else:
         model_config = model_config or ModelConfig()
         train_config = train_config or TrainConfig()
+        resolve_precision(train_config.precision, device)  # fail before a half-made run directory blocks --out
         if not (train_config.max_steps or train_config.max_time or train_config.epochs):
             train_config.max_time = DEFAULT_MAX_TIME
             log(f"no stopping rule given: training for {format_duration(DEFAULT_MAX_TIME)} "
@@ -417,7 +425,7 @@ def _train(dist_info, device, inputs, out_dir, model_config, train_config, resum
     # ---- model and optimizer
     set_seed(train_config.seed)
     model = RNNLanguageModel(model_config).to(device)
-    optimizer = _optimizer(model, train_config, fused_ok=device.type == "cuda")
+    optimizer = _optimizer(model, train_config, fused_ok=device.type in ("cuda", "cpu"))
     state: dict = {"step": 0, "epoch": 0, "step_in_epoch": 0, "elapsed": 0.0, "best_val_loss": None,
                    "best_val_bpc": None, "bad_steps": 0, "world_size": dist_info.world_size}
     hidden: State | None = None
