@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, write_error
 
 RUN_FORMAT = "textrnn-run"
 DATA_FORMAT = "textrnn-data"
@@ -64,7 +64,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     except OSError as exc:
-        raise InputError(f"{path.parent}: cannot write here ({exc.strerror})") from None
+        raise write_error(path.parent, exc, "cannot write here") from None
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
@@ -78,7 +78,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except OSError:
             pass
         if isinstance(exc, OSError):
-            raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+            raise write_error(path, exc) from None
         raise
     _fsync_directory(path.parent)
 
@@ -121,7 +121,7 @@ def staging_directory(final: Path) -> Iterator[Path]:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
     except OSError as exc:
-        raise InputError(f"{final.parent}: cannot create a directory here ({exc.strerror})") from None
+        raise write_error(final.parent, exc, "cannot create a directory here") from None
     try:
         os.chmod(tmp, 0o777 & ~_UMASK)
         yield tmp
@@ -142,7 +142,7 @@ def staging_directory(final: Path) -> Iterator[Path]:
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise InputError(f"{final}: cannot write ({exc.strerror or exc})") from None
+            raise write_error(final, exc) from None
         raise
 
 
@@ -233,7 +233,7 @@ def append_metrics(run_dir: Path, row: dict) -> None:
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
     except OSError as exc:  # a full disk: a clear message, and the checkpoints already saved stay intact
-        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise write_error(path, exc) from None
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

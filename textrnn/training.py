@@ -336,7 +336,7 @@ def _setup_new(dist_info, inputs, out_dir, model_config, train_config, tokenizer
             "format": ckpt.RUN_FORMAT, "version": ckpt.FORMAT_VERSION,
             "model": model_config.to_dict(), "train": train_config.to_dict(),
             "tokenizer": dataset.tokenizer.to_dict(),
-            "data": {"path": str(data_dir), "sha256": _data_fingerprint(dataset),
+            "data": {"path": _data_path_for_config(data_dir, run_dir), "sha256": _data_fingerprint(dataset),
                      "chars_per_token": {s: dataset.chars_per_token(s) for s in ("train", "val")}},
             "world_size": dist_info.world_size, "torch": torch.__version__,
         }
@@ -346,6 +346,14 @@ def _setup_new(dist_info, inputs, out_dir, model_config, train_config, tokenizer
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return run_dir, config
+
+
+def _data_path_for_config(data_dir: Path, run_dir: Path) -> str:
+    """``data`` for data preprocessed into the run (so the run can move); else an absolute path."""
+    try:
+        return str(data_dir.resolve().relative_to(run_dir.resolve()))
+    except ValueError:
+        return str(data_dir.resolve())
 
 
 def _check_enough_data(dataset: Dataset, config: TrainConfig, world_size: int) -> None:
@@ -401,7 +409,8 @@ def _train(dist_info, device, inputs, out_dir, model_config, train_config, resum
         run_dir, config = Path(setup[0]), setup[1]
     model_config = ModelConfig.from_dict(config["model"])
     train_config = TrainConfig.from_dict(config["train"])
-    dataset = load_dataset(config["data"]["path"]) if Path(config["data"]["path"]).is_dir() else None
+    data_path = run_dir / config["data"]["path"]  # relative to the run, or absolute
+    dataset = load_dataset(data_path) if data_path.is_dir() else None
     if dataset is None:
         raise CheckpointError(f"{run_dir}: training data {config['data']['path']} is missing")
     if resume:  # every rank checks its own copy, so all raise together (none waits in a collective)
@@ -425,6 +434,8 @@ def _train(dist_info, device, inputs, out_dir, model_config, train_config, resum
     # ---- model and optimizer
     set_seed(train_config.seed)
     model = RNNLanguageModel(model_config).to(device)
+    if dist_info.enabled:  # the same initial weights everywhere, but each rank its own dropout masks
+        torch.manual_seed(train_config.seed + 7919 * dist_info.rank)
     optimizer = _optimizer(model, train_config, fused_ok=device.type in ("cuda", "cpu"))
     state: dict = {"step": 0, "epoch": 0, "step_in_epoch": 0, "elapsed": 0.0, "best_val_loss": None,
                    "best_val_bpc": None, "bad_steps": 0, "world_size": dist_info.world_size}
@@ -458,9 +469,10 @@ def _train(dist_info, device, inputs, out_dir, model_config, train_config, resum
         if not _check_finite(model):
             raise TrainingError(f"{run_dir}: weights hold NaN or inf; not saving them (the last good checkpoint "
                                 f"is kept)")
-        every_stream = _gather_hidden(hidden, dist_info)  # collective: all ranks take part
+        every_stream = _gather_hidden(hidden, dist_info)  # collectives: all ranks take part
+        rng = _gather_rng(dist_info, device)
         if dist_info.is_main:
-            _save_last(run_dir, model, optimizer, state, every_stream, dist_info)
+            _save_last(run_dir, model, optimizer, state, every_stream, rng, dist_info)
 
     # ---- the loop
     if dist_info.is_main:
@@ -616,11 +628,28 @@ def _gather_hidden(hidden: State, dist_info: _Dist) -> State:
     return tuple(gathered)
 
 
-def _save_last(run_dir: Path, model, optimizer, state: dict, hidden: State, dist_info: _Dist) -> None:
+def _gather_rng(dist_info: _Dist, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every rank's RNG states (dropout masks differ per rank), as ``rng.torch[.RANK]`` tensors."""
+    states = {"rng.torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["rng.cuda"] = torch.cuda.get_rng_state(device)
+    if not dist_info.enabled:
+        return states
+    import torch.distributed as dist
+
+    gathered = {}
+    for name, value in states.items():
+        value = value.to(device)  # nccl gathers device tensors only
+        parts = [torch.empty_like(value) for _ in range(dist_info.world_size)]
+        dist.all_gather(parts, value)
+        gathered.update({f"{name}.{rank}": part.cpu() for rank, part in enumerate(parts)})
+    return gathered
+
+
+def _save_last(run_dir: Path, model, optimizer, state: dict, hidden: State, rng: dict[str, torch.Tensor],
+               dist_info: _Dist) -> None:
     tensors = {f"hidden.{i}": h for i, h in enumerate(hidden)}
-    tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    tensors.update(rng)
     with ckpt.staging_directory(run_dir / ckpt.LAST_DIR) as tmp:
         (tmp / ckpt.WEIGHTS_FILE).write_bytes(ckpt.tensor_bytes(ckpt.model_tensors(model)))
         (tmp / ckpt.OPTIMIZER_FILE).write_bytes(ckpt.tensor_bytes(_optimizer_tensors(optimizer)))
@@ -656,10 +685,16 @@ def _restore(run_dir: Path, model, optimizer, dist_info: _Dist, device, log) -> 
             f"the data position restarts at the next epoch, so the run is not bit-exact")
         state["epoch"] += 1
         state["step_in_epoch"] = 0
-    if "rng.torch" in tensors:
-        torch.set_rng_state(tensors["rng.torch"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    mine = f".{dist_info.rank}" if dist_info.enabled and state["world_size"] == dist_info.world_size else ""
+    for name, setter in (("rng.torch", torch.set_rng_state),
+                         ("rng.cuda", lambda t: torch.cuda.set_rng_state(t, device))):
+        value = tensors.get(name + mine, tensors.get(name, tensors.get(name + ".0")))
+        if value is None or (name == "rng.cuda" and device.type != "cuda"):
+            continue
+        try:
+            setter(value.to(torch.uint8))
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{last / ckpt.STATE_TENSORS_FILE}: invalid {name} state ({exc})") from None
     state["world_size"] = dist_info.world_size
     return state, hidden
 
