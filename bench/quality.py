@@ -1,0 +1,145 @@
+"""Quality at equal CPU time: textrnn's default against a small GPT baseline on tiny Shakespeare.
+
+Both train on the same 90/10 character split under the same wall-clock budget, back to back in
+one process, and report validation loss (nats/char over the whole val split) against minutes.
+textrnn's clock is the trainer's own ``--max-time`` wall clock, evaluations included; the
+baseline's clock pauses while it evaluates, which favours the baseline slightly.
+
+    python bench/quality.py --minutes 10            # table + bench/results/quality.png
+    python bench/quality.py --minutes 2 --no-baseline --preset small --cell gru
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from textrnn.checkpoint import read_metrics  # noqa: E402
+from textrnn.config import DEFAULT_PRESET, TrainConfig, preset  # noqa: E402
+from textrnn.data import preprocess  # noqa: E402
+from textrnn.training import train  # noqa: E402
+
+CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+RESULTS = ROOT / "bench" / "results"
+
+
+def machine() -> str:
+    name = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def run_textrnn(data_dir: Path, minutes: float, evals: int = 6, model_overrides: dict | None = None,
+                train_overrides: dict | None = None, log=print) -> list[dict]:
+    """Train textrnn's defaults (with overrides) for ``minutes``; val loss rows against minutes."""
+    model_overrides = dict(model_overrides or {})
+    name = model_overrides.pop("preset", DEFAULT_PRESET)
+    model_config = preset(name, **model_overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        # calibrate steps/s with a short run, so that about `evals` evaluations fall inside the budget
+        probe = TrainConfig(**{**(train_overrides or {}), "max_steps": 12, "eval_every": 10_000})
+        start = time.perf_counter()
+        train([data_dir], Path(tmp) / "probe", preset(name, **model_overrides), probe)
+        steps_per_second = 12 / max(time.perf_counter() - start - 1.0, 0.1)
+        eval_every = max(10, int(steps_per_second * minutes * 60 / evals))
+        config = TrainConfig(**{**(train_overrides or {}), "max_time": minutes * 60, "eval_every": eval_every})
+        result = train([data_dir], Path(tmp) / "run", model_config, config, log=log)
+        rows = [{"minutes": r["elapsed"] / 60, "step": r["step"], "val_loss": r["val_loss"]}
+                for r in read_metrics(result.run_dir) if r["kind"] == "eval"]
+        speed = [r["chars_per_sec"] for r in read_metrics(result.run_dir) if r["kind"] == "train"]
+    for row in rows:
+        row["chars_per_sec"] = sum(speed) / max(len(speed), 1)
+    return rows
+
+
+def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, rows in curves.items():
+        ax.plot([r["minutes"] for r in rows], [r["val_loss"] for r in rows], "o-", label=label)
+    ax.axhline(1.45, color="grey", linestyle="--", linewidth=1, label="goal 1.45")
+    ax.set_xlabel("training wall-clock minutes")
+    ax.set_ylabel("val loss (nats/char)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--data", type=Path, default=CORPUS)
+    parser.add_argument("--no-baseline", action="store_true", help="textrnn only")
+    parser.add_argument("--preset", default=DEFAULT_PRESET)
+    parser.add_argument("--cell", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a ModelConfig or TrainConfig field, e.g. --set dropout=0.1 --set lr=2e-3")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model_overrides: dict = {"preset": args.preset}
+    train_overrides: dict = {}
+    if args.cell:
+        model_overrides["cell"] = args.cell
+    model_fields = set(preset(args.preset).to_dict())
+    for item in args.set:
+        key, _, value = item.partition("=")
+        parsed = json.loads(value) if value not in ("", None) else value
+        (model_overrides if key in model_fields else train_overrides)[key] = parsed
+
+    print(f"machine: {machine()}")
+    print(f"corpus: {args.data} ({args.data.stat().st_size:,} bytes), budget {args.minutes:g} min each")
+    curves: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = preprocess([args.data], Path(tmp) / "data", val_fraction=0.1)
+        label = "textrnn " + " ".join(f"{k}={v}" for k, v in {**model_overrides, **train_overrides}.items())
+        curves[label] = run_textrnn(data_dir, args.minutes, model_overrides=model_overrides,
+                                    train_overrides=train_overrides, log=lambda m: print("  " + m, flush=True))
+    if not args.no_baseline:
+        from bench.baselines.gpt import train_baseline
+
+        text = args.data.read_text(encoding="utf-8")
+        curves["GPT baseline 0.8M"] = train_baseline(text, minutes=args.minutes, eval_every_seconds=args.minutes * 10,
+                                                     log=lambda m: print("  " + m, flush=True))
+
+    print(f"\n| model | val loss at end (nats/char) | bpc | best | steps | minutes |")
+    print("|---|---|---|---|---|---|")
+    for label, rows in curves.items():
+        end, best = rows[-1], min(r["val_loss"] for r in rows)
+        print(f"| {label} | {end['val_loss']:.4f} | {end['val_loss'] / 0.6931472:.3f} | {best:.4f} | {end['step']} "
+              f"| {end['minutes']:.2f} |")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"quality-{stamp}.json").write_text(json.dumps({"machine": machine(), "minutes": args.minutes,
+                                                               "curves": curves}, indent=1))
+    if not args.no_baseline:
+        plot(curves, RESULTS / "quality.png", f"tiny Shakespeare, {args.minutes:g} min on {torch.get_num_threads()} "
+                                              f"CPU threads")
+        print(f"plot: {RESULTS / 'quality.png'}")
+
+
+if __name__ == "__main__":
+    main()
