@@ -48,15 +48,17 @@ def evaluate_ids(model: torch.nn.Module, ids: np.ndarray, *, seq_len: int, strea
         targets = np.where(mask, ids, -100)
     total = torch.zeros(2, dtype=torch.float64, device=device)
     state = None
-    windows = list(eval_windows(ids, seq_len, total_streams, owned)) if len(owned) else []
+    # windows are made as they are used, never all at once: a split may be larger than memory
+    windows = eval_windows(ids, seq_len, total_streams, owned) if len(owned) else iter(())
     if mask is not None and len(owned):
-        scored = list(eval_windows(targets, seq_len, total_streams, owned))
-        windows = [(x, np.where(ys >= 0, y, -100)) for (x, y), (_, ys) in zip(windows, scored)]
+        scored = eval_windows(targets, seq_len, total_streams, owned)
+        windows = ((x, np.where(ys >= 0, y, -100)) for (x, y), (_, ys) in zip(windows, scored))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(windows), desc="evaluating", unit="window", leave=False, dynamic_ncols=True)
+        count = math.ceil(math.ceil((len(ids) - 1) / total_streams) / seq_len) if len(owned) and len(ids) > 1 else 0
+        bar = tqdm(total=count, desc="evaluating", unit="window", leave=False, dynamic_ncols=True)
     for x, y in windows:
         x_t = torch.from_numpy(x).to(device)
         y_t = torch.from_numpy(y).to(device)

@@ -1,8 +1,9 @@
 """RNNLanguageModel: token embedding -> stacked LSTM/GRU/tanh-RNN -> linear head.
 
 Training runs the fused ``nn.LSTM``/``nn.GRU``/``nn.RNN`` over whole windows (oneDNN on CPU,
-cuDNN on GPU). ``step`` is the one-token path for sampling: it calls the fused cell kernels on
-the same weights, with the first layer's input projection folded into a lookup table.
+cuDNN on GPU). ``step`` is the one-token path for sampling: the cell equations written out on
+weights laid out once for it (the first layer's input projection folded into a lookup table,
+one matmul per layer), because a fused RNN call costs far more per token than it computes.
 Configs live in ``config.py``; training and sampling loops live elsewhere.
 """
 
@@ -89,51 +90,103 @@ class RNNLanguageModel(nn.Module):
         self._step_cache = None
         return super().train(mode)
 
-    def _prepared(self) -> dict:
-        """Weights laid out for ``step``; rebuilt whenever the model changes mode."""
-        if self._step_cache is None:
+    def _prepared(self, precision: str = "fp32") -> dict:
+        """Weights laid out for ``step``; rebuilt whenever a parameter changes in place or moves.
+
+        Layer 0's input projection of every token, both biases included, is precomputed as a
+        table, so the first layer costs a lookup instead of a matmul. A higher layer's two
+        matmuls become one, over ``[input, h]`` and ``[w_ih | w_hh]`` side by side. LSTM gate
+        rows are reordered from torch's (i, f, g, o) to (i, f, o, g), so that one sigmoid and one
+        tanh cover all four gates. ``precision="fp16"`` (CPU, x86) stores the recurrent matrices
+        as fp16, prepacked for fbgemm, and computes in fp32: half the bytes to read per token,
+        which is what bounds batch-1 sampling. Dropout is left out: ``step`` is for eval mode.
+        """
+        cache = self._step_cache
+        if cache is not None:  # a load, an optimizer step or .to() changes a pointer or a version
+            key = (precision,) + tuple((p.data_ptr(), p._version) for p in cache["params"])
+            if cache["key"] == key:
+                return cache
+        params = list(self.parameters())  # (replacing a Parameter object needs .train() or .eval() to be seen)
+        key = (precision,) + tuple((p.data_ptr(), p._version) for p in params)
+        if precision not in ("fp32", "fp16"):
+            raise ValueError(f"step precision must be fp32 or fp16, got {precision!r}")
+        cell, hidden = self.config.cell, self.config.hidden_size
+
+        def reorder(rows: torch.Tensor) -> torch.Tensor:  # LSTM gates (i, f, g, o) -> (i, f, o, g)
+            if cell != "lstm":
+                return rows
+            i, f, g, o = rows.split(hidden, dim=0)
+            return torch.cat([i, f, o, g])
+
+        def projection(weight: torch.Tensor, bias: torch.Tensor | None):
+            """x [B, in] (+ plus [B, out]) -> x @ weight.T + bias (+ plus): one call."""
+            if precision == "fp16":
+                packed = torch.ops.quantized.linear_prepack_fp16(weight.contiguous(), bias)
+                linear_fp16 = torch.ops.quantized.linear_dynamic_fp16
+                return lambda x, plus=None: (linear_fp16(x, packed) if plus is None
+                                             else linear_fp16(x, packed).add_(plus))
+            weight_t = weight.t()
+            if bias is None:
+                return lambda x, plus=None: torch.mm(x, weight_t) if plus is None else torch.addmm(plus, x, weight_t)
+            return lambda x, plus=None: torch.addmm(bias if plus is None else plus, x, weight_t)
+
+        with torch.no_grad():
             layers = []
             for k in range(self.config.num_layers):
-                w_ih = getattr(self.rnn, f"weight_ih_l{k}")
-                layers.append((w_ih, getattr(self.rnn, f"weight_hh_l{k}"),
-                               getattr(self.rnn, f"bias_ih_l{k}"), getattr(self.rnn, f"bias_hh_l{k}")))
-            # layer 0's input projection of every token, precomputed: a lookup instead of a matmul
-            table = F.linear(self.embedding.weight, layers[0][0], layers[0][2])  # (V, gates*H)
+                w_ih, w_hh = getattr(self.rnn, f"weight_ih_l{k}"), getattr(self.rnn, f"weight_hh_l{k}")
+                b_ih, b_hh = getattr(self.rnn, f"bias_ih_l{k}"), getattr(self.rnn, f"bias_hh_l{k}")
+                if cell == "gru":  # r scales only the hidden part of n, so the projections stay apart
+                    from_below = (F.linear(self.embedding.weight, w_ih, b_ih).contiguous() if k == 0
+                                  else projection(w_ih, b_ih))  # a (V, 3H) table, or a projection
+                    layers.append((from_below, projection(w_hh, b_hh)))
+                elif k == 0:
+                    table = reorder(F.linear(self.embedding.weight, w_ih, b_ih + b_hh).t()).t().contiguous()
+                    layers.append((table, projection(reorder(w_hh), None)))  # (V, gates*H), h -> gates
+                else:
+                    w_cat = reorder(torch.cat([w_ih, w_hh], dim=1))  # (gates*H, H_below + H)
+                    layers.append((None, projection(w_cat, reorder(b_ih + b_hh))))
             head_w = self.head.weight
             if not isinstance(self.projection, nn.Identity):
                 head_w = head_w @ self.projection.weight  # fold the projection: (V, H)
-            self._step_cache = {"layers": layers, "table": table.detach(), "head_w": head_w.detach(),
-                                "head_b": self.head.bias.detach()}
-        return self._step_cache
+            cache = {"key": key, "params": params, "layers": layers, "head_w_t": head_w.t(),
+                     "head_b": self.head.bias}
+        self._step_cache = cache
+        return cache
 
     @torch.inference_mode()
-    def step(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """One token per stream, in eval mode: ids [B] -> logits [B, V] and the new state."""
-        cache = self._prepared()
-        cell = self.config.cell
-        hs, cs = list(state[0].unbind(0)), (list(state[1].unbind(0)) if cell == "lstm" else None)
-        for k, (w_ih, w_hh, b_ih, b_hh) in enumerate(cache["layers"]):
-            if k == 0:
-                gates_in = cache["table"][ids]  # (B, gates*H), bias included
-                w_ih, b_ih = None, None
-            if cell == "lstm":
-                gates = (gates_in if k == 0 else F.linear(hs[k - 1], w_ih, b_ih)) + F.linear(hs[k], w_hh, b_hh)
-                i, f, g, o = gates.chunk(4, 1)
-                c = torch.sigmoid(f) * cs[k] + torch.sigmoid(i) * torch.tanh(g)
-                hs[k], cs[k] = torch.sigmoid(o) * torch.tanh(c), c
-            elif cell == "gru":
-                gi = gates_in if k == 0 else F.linear(hs[k - 1], w_ih, b_ih)
-                gh = F.linear(hs[k], w_hh, b_hh)
-                ir, iz, inn = gi.chunk(3, 1)
-                hr, hz, hn = gh.chunk(3, 1)
-                r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
-                n = torch.tanh(inn + r * hn)
-                hs[k] = n + z * (hs[k] - n)
+    def step(self, ids: torch.Tensor, state: State, precision: str = "fp32") -> tuple[torch.Tensor, State]:
+        """One token per stream: ids [B] -> logits [B, V] and the new state (``state`` is not changed).
+
+        The same function as ``forward`` on one token in eval mode, to float rounding (fp32), at
+        a fraction of its per-call cost: sampling calls it once per generated token.
+        ``precision="fp16"`` reads fp16 copies of the recurrent weights (see ``_prepared``).
+        """
+        cache = self._prepared(precision)
+        cell, hidden = self.config.cell, self.config.hidden_size
+        hs = state[0].unbind(0)  # L x (B, H)
+        cs = state[1].unbind(0) if cell == "lstm" else None
+        new_h, new_c = [], []
+        x = None  # the output of the layer below, (B, H)
+        for k, (below, project) in enumerate(cache["layers"]):
+            h = hs[k]
+            if cell == "gru":
+                gi = below[ids] if k == 0 else below(x)  # (B, 3H): r, z, n
+                gh = project(h)
+                r, z = (gi[:, :2 * hidden] + gh[:, :2 * hidden]).sigmoid().chunk(2, 1)
+                n = torch.addcmul(gi[:, 2 * hidden:], r, gh[:, 2 * hidden:]).tanh()
+                x = torch.lerp(n, h, z)  # (1 - z) * n + z * h
             else:
-                gi = gates_in if k == 0 else F.linear(hs[k - 1], w_ih, b_ih)
-                hs[k] = torch.tanh(gi + F.linear(hs[k], w_hh, b_hh))
-        logits = F.linear(hs[-1], cache["head_w"], cache["head_b"])  # (B, V)
-        new_state = (torch.stack(hs),) + ((torch.stack(cs),) if cell == "lstm" else ())
+                gates = project(h, below[ids]) if k == 0 else project(torch.cat([x, h], 1))  # (B, gates*H)
+                if cell == "lstm":
+                    i, f, o = gates[:, :3 * hidden].sigmoid().chunk(3, 1)
+                    c = torch.addcmul(f * cs[k], i, gates[:, 3 * hidden:].tanh())
+                    x = o * c.tanh()
+                    new_c.append(c)
+                else:
+                    x = gates.tanh()
+            new_h.append(x)
+        logits = torch.addmm(cache["head_b"], x, cache["head_w_t"])  # (B, V)
+        new_state = (torch.stack(new_h),) + ((torch.stack(new_c),) if cell == "lstm" else ())
         return logits, new_state
 
 

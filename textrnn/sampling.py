@@ -1,15 +1,18 @@
 """Sampling: ``sample_logits`` (pure, tensors only) and ``Sampler`` (model + tokenizer + state).
 
-A prompt is primed with one forward pass over all of it; then each new token costs one step of
-the model's single-token path, under ``torch.inference_mode()``, with every sample of a call in
-one batch. Streams yield only complete characters, so byte and SentencePiece models never emit
-broken UTF-8. Loading a run lives in ``checkpoint.py``.
+A prompt is primed with one forward pass over all of it; then each new token costs one call of
+the model's single-token ``step``, under ``torch.inference_mode()``, with every sample of a call
+in one batch. Streams yield only complete characters, so byte and SentencePiece models never emit
+broken UTF-8. Loading a run lives in ``checkpoint.py``; printing lives in ``cli.py``.
 """
 
 from __future__ import annotations
 
 import codecs
+import functools
 import math
+import numbers
+import operator
 import os
 from collections.abc import Iterator, Sequence
 
@@ -19,24 +22,41 @@ from .checkpoint import load_run
 from .errors import ConfigError, InputError, TextRNNError
 from .runtime import resolve_device
 
-MAX_LENGTH = 10_000_000  # tokens per call; far beyond any sensible sample, far below running out of memory
+MAX_LENGTH = 10_000_000  # tokens per call: far beyond any sensible sample, far below running out of memory
+_GREEDY_BELOW = 1e-30  # temperatures this small are greedy (and would overflow logits / temperature)
+_DRAW_BLOCK = 1024  # uniform numbers drawn per generator call: one call per token would cost more than the draw
 
 
 class SamplingError(TextRNNError, ValueError):
     """A sampling setting out of range (a ValueError too, for code that catches that)."""
 
 
+def _real(value) -> float | None:
+    """``value`` as a float if it is a real number (bools excluded), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
 def _check_sampling_args(temperature: float, top_k: int, top_p: float, repetition_penalty: float = 1.0) -> None:
-    if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
-        raise SamplingError(f"temperature must be a number >= 0 (0 = greedy), got {temperature}")
-    if math.isinf(temperature):
-        raise SamplingError("temperature must be finite (0 = greedy)")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
-    if not isinstance(top_p, (int, float)) or math.isnan(top_p) or not 0.0 < top_p <= 1.0:
-        raise SamplingError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-    if math.isnan(repetition_penalty) or repetition_penalty <= 0 or math.isinf(repetition_penalty):
-        raise SamplingError(f"repetition_penalty must be a positive number (1 = off), got {repetition_penalty}")
+    """Raise SamplingError (a ValueError) naming the first setting that is out of range."""
+    t = _real(temperature)
+    if t is None or math.isnan(t) or t < 0:
+        raise SamplingError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if math.isinf(t):
+        raise SamplingError("temperature must be finite (0 = greedy), got inf")
+    try:
+        k = operator.index(top_k) if not isinstance(top_k, bool) else -1
+    except TypeError:
+        k = -1
+    if k < 0:
+        raise SamplingError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    p = _real(top_p)
+    if p is None or math.isnan(p) or not 0.0 < p <= 1.0:
+        raise SamplingError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    r = _real(repetition_penalty)
+    if r is None or math.isnan(r) or math.isinf(r) or r <= 0:
+        raise SamplingError(f"repetition_penalty must be a positive number (1 = off), got {repetition_penalty!r}")
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -45,209 +65,367 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     """Pick one id per row of ``logits`` [B, V]; returns [B] int64.
 
     Temperature 0 is greedy (argmax). Top-k keeps the k largest logits (0, or k >= V, is off);
-    top-p then keeps the smallest set of the remaining tokens whose probability reaches p (1 is
-    off). ``repetition_penalty`` > 1 divides the positive logits (multiplies the negative ones)
-    of the ids in ``previous`` [B, N], as in CTRL.
+    top-p then keeps the smallest set of the remaining tokens, most likely first, whose
+    probability reaches p (1 is off). ``repetition_penalty`` > 1 divides the positive logits
+    (multiplies the negative ones) of the ids in ``previous`` [B, N], as in CTRL.
+
+    Odd logits are handled, not raised on: NaN never wins; a row with +inf picks among its +inf
+    entries; a row that is all -inf (or NaN) is uniform; huge finite values do not overflow.
     """
     _check_sampling_args(temperature, top_k, top_p, repetition_penalty)
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    if logits.dim() != 2 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [batch, vocab] with vocab >= 1, got shape {tuple(logits.shape)}")
     logits = logits.float()
     if repetition_penalty != 1.0 and previous is not None and previous.numel():
-        seen = torch.gather(logits, 1, previous)
-        logits = logits.scatter(1, previous, torch.where(seen > 0, seen / repetition_penalty,
-                                                         seen * repetition_penalty))
-    # NaN never wins; +inf wins outright (as the limit of a huge logit would)
-    logits = torch.nan_to_num(logits, nan=-math.inf)
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    pos_inf = logits == math.inf
-    if pos_inf.any():
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+        seen.scatter_(1, previous.to(logits.device, torch.int64), True)
+        logits = _penalize(logits, seen, repetition_penalty)
+    return _sample(_make_safe(logits), float(temperature), int(top_k), float(top_p), generator)
+
+
+def _penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty on the ids marked in ``seen`` [B, V]."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def _make_safe(logits: torch.Tensor) -> torch.Tensor:
+    """Logits whose row maximum is 0 and finite, so that any temperature and softmax behave.
+
+    NaN becomes -inf (never chosen); in a row with +inf entries those share all the probability
+    (the limit of huge logits); a row with nothing finite left becomes uniform.
+    """
+    if not bool(torch.isfinite(logits).all()):
+        logits = torch.nan_to_num(logits, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        pos_inf = logits == math.inf
         logits = torch.where(pos_inf.any(-1, keepdim=True), torch.where(pos_inf, 0.0, -math.inf), logits)
-    logits = logits / temperature
+        logits = torch.where(torch.isneginf(logits).all(-1, keepdim=True), 0.0, logits)
+    return logits - logits.amax(-1, keepdim=True)  # huge values / a small temperature stay finite
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+            generator: torch.Generator | None, draw: torch.Tensor | None = None,
+            noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The sampling rule on checked arguments and safe logits [B, V] (see ``_make_safe``).
+
+    Draws by inverse CDF: one uniform number per row (``draw`` [B, 1] in (0, 1], or fresh from
+    ``generator``) against the running sum of the kept probabilities. It is exact, costs a
+    handful of small ops, and cannot pick a token of probability 0: the pick is clamped to the
+    last kept token of each row. Without filters, ``noise`` [B, V] from ``_gumbel_noise`` may
+    be given instead (the Sampler's fast path): then it is the Gumbel-max draw, two ops.
+    """
+    if temperature < _GREEDY_BELOW:
+        return logits.argmax(-1)
     vocab = logits.shape[-1]
-    if 0 < top_k < vocab:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, -math.inf)
+    k = top_k if 0 < top_k < vocab else 0
+    if k == 0 and top_p >= 1.0 and noise is not None:
+        return (logits + noise).argmax(-1)  # argmax(logits / T + Gumbel) is a draw from softmax(logits / T)
+    if draw is None:
+        draw = 1.0 - torch.rand(logits.shape[0], 1, generator=generator, device=logits.device)  # (B, 1) in (0, 1]
+    if k == 0 and top_p >= 1.0:  # no filter: the common case, kept short
+        probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, -1)  # (B, V)
+        return _inverse_cdf(probs, draw, vocab - 1)
+    if k:
+        values, order = torch.topk(logits, k, dim=-1)  # (B, k), most likely first
+    else:
+        values, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = torch.softmax(values / temperature, -1)
+    last = k - 1 if k else vocab - 1
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of the tokens ranked above each one
-        drop_sorted = before >= top_p  # keeps the minimal prefix reaching top_p (always the top token)
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, -math.inf)
-    all_masked = torch.isneginf(logits).all(dim=-1, keepdim=True)
-    logits = torch.where(all_masked, torch.zeros_like(logits), logits)  # every logit -inf: uniform
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        # a token stays if the tokens ranked above it hold less than top_p: the minimal nucleus
+        above = probs.cumsum(-1) - probs
+        # (B, 1); the top token always stays, even for a top_p that is 0 in float32 (say 1e-50)
+        last = ((above < top_p).sum(-1, keepdim=True) - 1).clamp_(min=0)
+        probs = probs.masked_fill(torch.arange(probs.shape[-1], device=probs.device) > last, 0.0)
+    choice = _inverse_cdf(probs, draw, last)  # a position in the sorted order
+    return order.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def _gumbel_noise(shape: tuple[int, ...], temperature: float, generator: torch.Generator,
+                  device: torch.device) -> torch.Tensor:
+    """``temperature`` times standard Gumbel noise, float32: argmax(logits + noise) samples softmax(logits / T).
+
+    Drawn in float64 (as -log of an exponential variable, kept away from 0) so that no noise
+    value is infinite and no probability is rounded to a coarse grid.
+    """
+    exponential = torch.empty(shape, dtype=torch.float64, device=device).exponential_(generator=generator)
+    return exponential.clamp_(min=1e-300).log_().mul_(-temperature).float()
+
+
+def _inverse_cdf(probs: torch.Tensor, draw: torch.Tensor, last: int | torch.Tensor) -> torch.Tensor:
+    """Per row of ``probs`` [B, N] (non-negative, some mass), the first index whose running sum
+    reaches ``draw`` [B, 1] in (0, 1] of the row's total; at most ``last`` (an int or [B, 1])."""
+    cdf = probs.cumsum(-1)  # (B, N)
+    choice = (cdf < draw * cdf[:, -1:]).sum(-1)  # the target is > 0, so a leading zero is never picked
+    if isinstance(last, int):
+        return choice.clamp_(max=last)
+    return torch.minimum(choice, last.squeeze(-1))
 
 
 class _TextDecoder:
-    """Turns a growing list of ids into text pieces that hold only complete characters."""
+    """Turns a sample's ids, one at a time, into text pieces that hold only complete characters.
+
+    A byte model's pieces go through an incremental UTF-8 decoder (an invalid sequence becomes
+    U+FFFD, as ``ByteTokenizer.decode`` does); a SentencePiece model's pending ids are held back
+    while they end in part of a character. A character cut off by the end of the sample is
+    dropped, not shown as U+FFFD.
+    """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.kind = tokenizer.kind
         if self.kind == "byte":
             self._bytes = codecs.getincrementaldecoder("utf-8")("replace")
-        self._ids: list[int] = []
-        self._emitted = ""
+        self._pending: list[int] = []
 
     def push(self, token: int) -> str:
         if self.kind == "char":
             return self.tokenizer.decode([token])
         if self.kind == "byte":
             return self._bytes.decode(bytes([token]))
-        # SentencePiece: decode the pending ids; hold back a trailing partial character
-        self._ids.append(token)
-        text = self.tokenizer.decode(self._ids)
-        if text.endswith("\ufffd"):
+        self._pending.append(token)
+        text = self.tokenizer.decode(self._pending)
+        if text.endswith("\ufffd"):  # maybe the first bytes of a character: wait for the rest
             return ""
-        self._ids = []
+        self._pending = []
         return text
 
     def flush(self) -> str:
-        if self.kind == "byte":
-            return self._bytes.decode(b"", final=True)
-        if self.kind in ("bpe", "unigram") and self._ids:
-            text, self._ids = self.tokenizer.decode(self._ids), []
-            return text
-        return ""
+        """The text still held back that is whole; a trailing partial character is dropped."""
+        if self.kind in ("char", "byte") or not self._pending:
+            return ""
+        text, self._pending = self.tokenizer.decode(self._pending), []
+        return text.rstrip("\ufffd")
 
 
 class Sampler:
-    """Generate text from a trained run.
+    """Generate text from a trained model.
 
     >>> sampler = Sampler.from_checkpoint("runs/shakespeare")
     >>> sampler.generate("ROMEO:", length=200, temperature=0.8, seed=7)
 
-    Stop strings end a sample and are kept at its end (the text up to and including the first
-    stop string). ``length`` counts tokens (characters for a char model).
+    ``length`` counts tokens (characters for a char model) after the prompt; the returned text
+    does not repeat the prompt. A stop string ends a sample when it appears in the generated text
+    (even across token boundaries) and is kept: the sample ends with it. The same seed gives the
+    same text, and ``"".join(stream(...)) == generate(...)`` for the same arguments; a longer
+    ``length`` extends the text of a shorter one. ``repetition_penalty`` applies to every id in
+    the prompt and the sample so far. A char model never generates its unknown id.
+
+    On a CPU, one stream (batch 1) runs its steps on a single thread, whatever torch's setting:
+    a matrix-vector product gains nothing from a second thread and stalls when another process
+    keeps that core busy. The thread count is restored around every step.
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device | None = None,
-                 config: dict | None = None):
+    def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device | str | None = None,
+                 config: dict | None = None, precision: str = "fp32"):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.device = device or next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.config = config or {}
+        if precision not in ("fp32", "fp16"):
+            raise ConfigError(f"sampling precision must be fp32 or fp16, got {precision!r}")
+        if precision == "fp16" and not (self.device.type == "cpu" and fp16_weights_supported()):
+            raise ConfigError(f"fp16 sampling weights need an x86 CPU (fbgemm); this is {self.device.type}, "
+                              f"use precision fp32")
+        self.precision = precision
 
     @classmethod
-    def from_checkpoint(cls, run_dir: str | os.PathLike, device: str = "auto") -> "Sampler":
-        run = load_run(run_dir, resolve_device(device))
-        return cls(run.model, run.tokenizer, run.device, run.config)
+    def from_checkpoint(cls, run_dir: str | os.PathLike, device: str = "auto", precision: str = "fp32") -> "Sampler":
+        """A sampler for the best weights of a run directory.
 
-    @property
-    def seq_len(self) -> int | None:
-        return self.config.get("train", {}).get("seq_len")
+        ``device="auto"`` picks cuda, then mps, then cpu. ``precision="fp16"`` (x86 CPUs) keeps
+        fp16 copies of the recurrent weights for sampling, about twice as fast at batch 1 and
+        slightly different text for the same seed (logits differ by about 1e-3).
+        """
+        run = load_run(run_dir, resolve_device(device))
+        return cls(run.model, run.tokenizer, run.device, run.config, precision)
 
     def encode_prompt(self, prompt: str, unknown: str = "error") -> list[int]:
-        """Prompt ids; characters outside a char vocabulary raise (``unknown="skip"`` drops them)."""
+        """Prompt ids; characters outside a char vocabulary raise InputError (``unknown="skip"`` drops them)."""
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a str, got {type(prompt).__name__}")
+        if unknown not in ("error", "skip"):
+            raise ConfigError(f"unknown must be 'error' or 'skip', got {unknown!r}")
         try:
-            return self.tokenizer.encode(prompt, unknown=unknown)
+            return list(self.tokenizer.encode(prompt, unknown=unknown))
         except InputError as exc:
-            raise InputError(f"prompt: {exc}") from None
-
-    def _fresh_logits(self, num_samples: int, state) -> torch.Tensor:
-        """First-token logits for an empty prompt, from a fresh state.
-
-        The model has no start-of-text token, so it reads an implicit newline (not emitted) when
-        the vocabulary has one: text after a line break is the most natural start. Without a
-        newline the first token is uniform.
-        """
-        try:
-            newline = self.tokenizer.encode("\n")
-        except InputError:
-            newline = []
-        if len(newline) != 1:
-            return torch.zeros(num_samples, self.tokenizer.vocab_size, device=self.device)
-        ids = torch.tensor(newline, device=self.device).expand(num_samples, 1)
-        logits, fresh = self.model(ids, state)
-        for mine, new in zip(state, fresh):
-            mine.copy_(new)
-        return logits[:, -1]
+            raise InputError(f"prompt: {exc}; pass unknown='skip' (--unknown skip) to drop them") from None
 
     def generate(self, prompt: str = "", length: int = 500, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, num_samples: int = 1,
                  stop: str | Sequence[str] | None = None, repetition_penalty: float = 1.0,
                  unknown: str = "error") -> str | list[str]:
-        """``num_samples`` continuations of ``prompt`` (a str, or a list when num_samples > 1)."""
-        texts = [""] * num_samples
-        for index, piece in self._pieces(prompt, length, temperature, top_k, top_p, seed, num_samples, stop,
-                                         repetition_penalty, unknown):
-            texts[index] += piece
-        return texts[0] if num_samples == 1 else texts
+        """``num_samples`` continuations of ``prompt``, sampled as one batch: a str, or a list when num_samples > 1."""
+        pieces = self._pieces(*self._setup(prompt, length, temperature, top_k, top_p, seed, num_samples, stop,
+                                           repetition_penalty, unknown))
+        texts: list[list[str]] = [[] for _ in range(num_samples)]
+        for index, piece in pieces:
+            texts[index].append(piece)
+        joined = ["".join(t) for t in texts]
+        return joined[0] if num_samples == 1 else joined
 
     def stream(self, prompt: str = "", length: int = 500, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
                repetition_penalty: float = 1.0, unknown: str = "error") -> Iterator[str]:
-        """Yield the text of one sample piece by piece as it is made."""
-        for _, piece in self._pieces(prompt, length, temperature, top_k, top_p, seed, 1, stop,
-                                     repetition_penalty, unknown):
-            yield piece
+        """Yield the text of one sample piece by piece as it is made.
 
-    def _pieces(self, prompt, length, temperature, top_k, top_p, seed, num_samples, stop, repetition_penalty,
-                unknown) -> Iterator[tuple[int, str]]:
+        The arguments are checked and the prompt encoded when ``stream`` is called, so a bad
+        setting raises here, before any text is yielded.
+        """
+        pieces = self._pieces(*self._setup(prompt, length, temperature, top_k, top_p, seed, 1, stop,
+                                           repetition_penalty, unknown))
+        return (piece for _, piece in pieces)
+
+    def _setup(self, prompt, length, temperature, top_k, top_p, seed, num_samples, stop, repetition_penalty,
+               unknown) -> tuple:
+        """Check every argument and encode the prompt, eagerly (before any generator starts)."""
         _check_sampling_args(temperature, top_k, top_p, repetition_penalty)
-        if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-            raise ConfigError(f"length must be an integer >= 0, got {length!r}")
+        length = _count("length", length, 0)
+        num_samples = _count("num_samples", num_samples, 1)
         if length > MAX_LENGTH:
-            raise ConfigError(f"length {length} is more than the limit of {MAX_LENGTH:,} tokens per call")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ConfigError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+            raise ConfigError(f"length {length:,} is more than the limit of {MAX_LENGTH:,} tokens per call; "
+                              f"generate in several calls")
+        if seed is not None and not 0 <= _count("seed", seed, 0) < 2**64:
+            raise ConfigError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not s for s in stops):
-            raise ConfigError("stop strings must not be empty")
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ConfigError("stop strings must be non-empty strings")
         ids = self.encode_prompt(prompt, unknown)
+        return (ids, length, float(temperature), int(top_k), float(top_p), seed, num_samples, stops,
+                float(repetition_penalty))
+
+    def _first_logits(self, ids: list[int], num_samples: int) -> tuple[torch.Tensor, tuple]:
+        """Logits [B, V] for the first new token and the state after the prompt, from one forward pass.
+
+        The prompt runs once at batch 1 and its state is copied to every sample. An empty prompt
+        starts from a fresh (zero) state; as the model has no start-of-text token, it reads an
+        implicit newline first (not emitted) when the vocabulary has one, since text after a line
+        break is the most natural start. Without a newline the first token is uniform.
+        """
+        model, device = self.model, self.device
+        state = model.init_state(1, device)
+        if not ids:
+            try:
+                newline = list(self.tokenizer.encode("\n"))
+            except TextRNNError:
+                newline = []
+            if len(newline) != 1:
+                logits = torch.zeros(num_samples, self.tokenizer.vocab_size, device=device)
+                return logits, model.init_state(num_samples, device)
+            ids = newline
+        logits, state = model(torch.tensor([ids], device=device), state)  # (1, T, V): one pass over the prompt
+        logits = logits[:, -1].float().expand(num_samples, -1)
+        state = tuple(s.expand(-1, num_samples, -1).contiguous() for s in state)
+        return logits, state
+
+    def _pieces(self, ids, length, temperature, top_k, top_p, seed, num_samples, stops,
+                repetition_penalty) -> Iterator[tuple[int, str]]:
+        """Yield (sample index, text piece) as tokens are made; arguments already checked."""
         if length == 0:
             return
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed if seed is not None else torch.seed() % (2**63))
-        model, device = self.model, self.device
+        device, model, precision = self.device, self.model, self.precision
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+        vocab = self.tokenizer.vocab_size
+        # never generate a char model's unknown id: it is the last one, so sample over the others
         unk = getattr(self.tokenizer, "unk_id", None)
-        history = None
+        allowed = vocab - 1 if unk == vocab - 1 else vocab
+        decoders = [_TextDecoder(self.tokenizer) for _ in range(num_samples)]
+        keep = max((len(s) for s in stops), default=0)
+        tails = [""] * num_samples  # the last few characters of each sample, to spot stop strings across pieces
+        done = [False] * num_samples
+        # One stream on a CPU steps on one thread: a matrix-vector product gains little from a
+        # second one, and stalls on it for a long time when another process keeps that core busy.
+        threads = torch.get_num_threads()
+        one_thread = device.type == "cpu" and num_samples == 1 and threads > 1
+        # Random numbers for a block of tokens come from one call: per token, a call costs more
+        # than the draw. Unfiltered sampling takes Gumbel noise (two ops per token); top-k and
+        # top-p take one uniform number per sample for the inverse CDF.
+        gumbel = (top_k == 0 or top_k >= allowed) and top_p >= 1.0
+        block = max(1, min(_DRAW_BLOCK, (1 << 20) // (num_samples * allowed))) if gumbel else _DRAW_BLOCK
+        draws = noise = seen = None
+        # inference mode is entered per token, never held across a yield: the caller's own code
+        # between pieces must run in its own autograd mode
         with torch.inference_mode():
-            state = model.init_state(num_samples, device)
-            if ids:
-                prompt_ids = torch.tensor(ids, device=device).unsqueeze(0).expand(num_samples, -1)
-                logits, state = model(prompt_ids, state)  # one pass over the whole prompt
-                logits = logits[:, -1]
-                if repetition_penalty != 1.0:
-                    history = prompt_ids
-            else:
-                logits = self._fresh_logits(num_samples, state)
-            decoders = [_TextDecoder(self.tokenizer) for _ in range(num_samples)]
-            tails = [""] * num_samples  # recent text, to spot stop strings across pieces
-            done = [False] * num_samples
-            keep = max((len(s) for s in stops), default=0)
-            for _ in range(length):
-                if unk is not None:
-                    logits[:, unk] = -math.inf  # never generate the unknown-character id
-                next_ids = sample_logits(logits, temperature, top_k, top_p, generator, repetition_penalty,
-                                         history)
-                if repetition_penalty != 1.0:
-                    history = next_ids[:, None] if history is None else torch.cat([history, next_ids[:, None]], 1)
-                for index, token in enumerate(next_ids.tolist()):
-                    if done[index]:
-                        continue
-                    piece = decoders[index].push(token)
-                    if stops and piece:
-                        piece, done[index] = _cut_at_stop(tails[index], piece, stops)
-                        tails[index] = (tails[index] + piece)[-keep:]
-                    if piece:
-                        yield index, piece
-                if all(done):
-                    return
-                logits, state = model.step(next_ids, state)
-            for index, decoder in enumerate(decoders):
-                if not done[index]:
-                    piece = decoder.flush()
-                    if piece:
-                        yield index, piece
+            logits, state = self._first_logits(ids, num_samples)
+            if repetition_penalty != 1.0:
+                seen = torch.zeros(num_samples, vocab, dtype=torch.bool, device=device)
+                if ids:
+                    seen[:, torch.tensor(ids, device=device)] = True
+        for position in range(length):
+            column = position % block
+            with torch.inference_mode():
+                if temperature >= _GREEDY_BELOW and column == 0:
+                    if gumbel:
+                        noise = _gumbel_noise((block, num_samples, allowed), temperature, generator, device)
+                    else:  # uniform numbers in (0, 1]
+                        draws = 1.0 - torch.rand(num_samples, block, generator=generator, device=device)
+                logits = logits[:, :allowed]
+                if seen is not None:
+                    logits = _penalize(logits, seen[:, :allowed], repetition_penalty)
+                next_ids = _sample(logits, temperature, top_k, top_p, generator,
+                                   None if draws is None else draws[:, column:column + 1],
+                                   None if noise is None else noise[column])  # (B,)
+                if seen is not None:
+                    seen.scatter_(1, next_ids[:, None], True)
+            for index, token in enumerate(next_ids.tolist()):
+                if done[index]:
+                    continue
+                piece = decoders[index].push(token)
+                if stops and piece:
+                    piece, done[index] = _cut_at_stop(tails[index], piece, stops)
+                    tails[index] = (tails[index] + piece)[-keep:]
+                if piece:
+                    yield index, piece
+            if all(done):
+                return
+            if position + 1 == length:
+                break
+            if one_thread:
+                torch.set_num_threads(1)  # only around the step: the caller's code keeps its threads
+            try:
+                logits, state = model.step(next_ids, state, precision=precision)  # runs in inference mode
+            finally:
+                if one_thread:
+                    torch.set_num_threads(threads)
+        for index, decoder in enumerate(decoders):
+            if not done[index]:
+                piece = decoder.flush()
+                if piece and stops:
+                    piece, done[index] = _cut_at_stop(tails[index], piece, stops)
+                if piece:
+                    yield index, piece
+
+
+@functools.lru_cache(maxsize=None)
+def fp16_weights_supported() -> bool:
+    """Whether this PyTorch build can run fp16-weight linear layers on the CPU (fbgemm, x86)."""
+    try:
+        packed = torch.ops.quantized.linear_prepack_fp16(torch.ones(2, 2), None)
+        torch.ops.quantized.linear_dynamic_fp16(torch.ones(1, 2), packed)
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def _count(name: str, value, least: int) -> int:
+    """``value`` as an int >= ``least``, or a ConfigError naming it."""
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        number = None
+    if number is None or number < least:
+        raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
+    return number
 
 
 def _cut_at_stop(tail: str, piece: str, stops: list[str]) -> tuple[str, bool]:
-    """``piece`` cut just after the first stop string that ends in it (searching tail + piece)."""
+    """``piece`` cut just after the earliest stop string that ends inside it, and whether one did.
+
+    ``tail`` is the text already emitted (at least the longest stop string's length of it), so a
+    stop string that began in an earlier piece is found too; one wholly inside ``tail`` was
+    found before and is not looked for again.
+    """
     text = tail + piece
     best = None
     for s in stops:
