@@ -29,13 +29,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Benchmarks: the short versions; bench-full adds the 10-minute quality runs.
+# Benchmarks (results go into BENCHMARKS.md): about 25 minutes; bench-full adds the 5- and
+# 10-minute runs (about an hour more).
 bench: $(STAMP)
-	$(BIN)/python bench/preprocess.py
+	$(BIN)/python bench/preprocess.py --size-mb 1024
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/ddp_scaling.py
+	$(BIN)/python bench/sweep.py --minutes 2 --presets small medium --cells lstm gru rnn
 
 bench-full: bench
+	$(BIN)/python bench/sweep.py --minutes 5 --presets small medium --cells lstm gru
 	$(BIN)/python bench/quality.py --minutes 10
 
 clean:

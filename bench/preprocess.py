@@ -107,6 +107,8 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"machine: {machine()}")
+    if args.tmp_dir is not None:
+        Path(args.tmp_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="textrnn-bench-", dir=args.tmp_dir) as tmp:
         tmp = Path(tmp)
         generated = tmp / "generated.txt"

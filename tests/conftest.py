@@ -1,16 +1,21 @@
 """Fixtures shared by the test files: seeding, running the real CLI, and small corpora.
 
 ``run_cli`` runs ``python -m textrnn`` in a subprocess, so a test sees exactly what a user sees:
-the exit code, stdout and stderr (a traceback included, if one escaped). ``seed`` seeds Python,
-numpy and torch through the package's one seeding helper.
+the exit code, stdout and stderr (a traceback included, if one escaped). ``invoke`` runs the same
+command line in this process (no torch import per case). ``seed`` seeds Python, numpy and torch
+through the package's one seeding helper. Every test runs torch on one thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
+from unittest import mock
 
 import pytest
 
@@ -34,6 +39,60 @@ def run_cli(*args: str | os.PathLike, cwd: str | os.PathLike | None = None,
     return subprocess.CompletedProcess(done.args, done.returncode,
                                        done.stdout.decode("utf-8", "replace"),
                                        done.stderr.decode("utf-8", "replace"))
+
+
+class Result(NamedTuple):
+    code: int
+    stdout: str
+    stderr: str
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path | None):
+    previous = Path.cwd()
+    if path is not None:
+        os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def invoke(*args: str | os.PathLike, cwd: Path | None = None, stdin: bytes = b"") -> Result:
+    """``textrnn ARGS...`` run in this process through ``textrnn.cli.app``: exit code, stdout, stderr.
+
+    Any exception other than SystemExit propagates and fails the test: it would be a traceback.
+    """
+    from textrnn.cli import app
+
+    out, err = io.StringIO(), io.StringIO()
+    fake_stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+    with _working_directory(cwd), mock.patch.object(sys, "stdin", fake_stdin), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            app([os.fspath(a) for a in args], prog_name="textrnn")
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread, here and in child processes: on a small shared machine tiny models
+    train several times faster than with threads fighting over the cores."""
+    previous_env = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+    if previous_env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = previous_env
 
 
 @pytest.fixture

@@ -14,20 +14,16 @@ unwritable paths, which need a process without root's file-access override.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import random
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import Result, invoke, run_cli
 
 TINY_MODEL = ["--layers", "1", "--hidden", "16", "--embed", "8", "--dropout", "0", "--batch-size", "4",
               "--seq-len", "16", "--warmup", "0", "--device", "cpu"]
@@ -42,40 +38,6 @@ def corpus_text(lines: int = 120, seed: int = 0) -> str:
 
 
 # ---------------------------------------------------------------- running the CLI
-
-@dataclass
-class Result:
-    code: int
-    stdout: str
-    stderr: str
-
-
-@contextlib.contextmanager
-def _working_directory(path: Path | None):
-    previous = Path.cwd()
-    if path is not None:
-        os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-def invoke(*args: str | os.PathLike, cwd: Path | None = None, stdin: bytes = b"") -> Result:
-    """``textrnn ARGS...`` run in this process through ``textrnn.cli.app``: exit code, stdout, stderr."""
-    from textrnn.cli import app
-
-    out, err = io.StringIO(), io.StringIO()
-    fake_stdin = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
-    with _working_directory(cwd), mock.patch.object(sys, "stdin", fake_stdin), \
-            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            app([os.fspath(a) for a in args], prog_name="textrnn")
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return Result(code, out.getvalue(), err.getvalue())
-
 
 def assert_refused(result: Result | subprocess.CompletedProcess, *words: str, code: int = 2) -> str:
     """Exit ``code``; stderr is one line ``error: ...`` holding every word; nothing on stdout."""
@@ -113,23 +75,6 @@ def round_trip(data_dir: Path) -> str:
 
 
 # ---------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread, here and in child processes: on a small shared machine tiny models
-    train several times faster than with threads fighting over the cores."""
-    import torch
-
-    previous, previous_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(previous)
-    if previous_env is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = previous_env
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import math
 import os
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import invoke
 import torch
 
 from textrnn import checkpoint as ckpt
@@ -45,39 +46,11 @@ def corpus_text() -> str:
 
 # ---------------------------------------------------------------- helpers
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread here and in children: on a small shared machine tiny models run faster."""
-    previous, previous_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
-    torch.set_num_threads(previous)
-    if previous_env is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = previous_env
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("faults") / "corpus.txt"
     path.write_text(corpus_text(), encoding="utf-8")
     return path
-
-
-def invoke(*args: str | os.PathLike) -> tuple[int, str, str]:
-    """``textrnn ARGS...`` through ``textrnn.cli.app`` in this process: (exit code, stdout, stderr)."""
-    from textrnn.cli import app
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            app([os.fspath(a) for a in args], prog_name="textrnn")
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
 
 
 def error_line(stderr: str) -> str:

@@ -45,15 +45,6 @@ def _corpus(chars: int, seed: int = 0) -> str:
     return "".join(parts)[:chars]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """A preprocessed corpus: ~5,400 training tokens, 20 steps per epoch at batch 8 x 32."""

@@ -219,7 +219,7 @@ def train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/NAME-TIME).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML file of settings; flags override it.")] = None,
     preset_name: Annotated[Optional[str], typer.Option("--preset", help=_preset_help())] = None,
-    cell: Annotated[Optional[Cell], typer.Option(help="Recurrent cell.")] = None,
+    cell: Annotated[Optional[Cell], typer.Option(help="Recurrent cell (default gru).")] = None,
     layers: Annotated[Optional[int], typer.Option(help="Recurrent layers.")] = None,
     hidden: Annotated[Optional[int], typer.Option(help="Hidden units per layer.")] = None,
     embed: Annotated[Optional[int], typer.Option(help="Embedding size.")] = None,

@@ -26,7 +26,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 @dataclass
 class ModelConfig:
     vocab_size: int = 0  # set from the tokenizer when the model is built
-    cell: str = "lstm"  # lstm | gru | rnn (tanh)
+    cell: str = "gru"  # gru | lstm | rnn (tanh); gru learns fastest per CPU second (BENCHMARKS.md)
     num_layers: int = 2  # stacked recurrent layers
     hidden_size: int = 512  # units per recurrent layer
     embedding_dim: int = 128  # size of the token embedding
@@ -60,7 +60,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "medium": dict(num_layers=2, hidden_size=512, embedding_dim=128, dropout=0.2),
     "large": dict(num_layers=3, hidden_size=1024, embedding_dim=256, dropout=0.3),
 }
-DEFAULT_PRESET = "medium"
+DEFAULT_PRESET = "small"  # the lowest val loss after 2, 5 and 10 CPU minutes (BENCHMARKS.md)
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:

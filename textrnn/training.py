@@ -167,14 +167,21 @@ class _StopSignal:
 
 # ---------------------------------------------------------------- schedule
 
+WARMUP_BUDGET_FRACTION = 0.05  # warmup never takes more than this share of the budget
+
+
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine from lr down to lr * min_lr_ratio.
+    """Linear warmup, then cosine from lr down to lr * min_lr_ratio.
 
     ``progress`` in [0, 1] is how far the run is through its budget (steps, epochs or time).
+    Warmup ends after ``warmup_steps`` or 5% of the budget, whichever comes first, so that a big
+    model on a short time budget does not spend its whole run warming up.
     """
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
     progress = min(max(progress, 0.0), 1.0)
+    if config.warmup_steps:
+        warm = max((step + 1) / config.warmup_steps, progress / WARMUP_BUDGET_FRACTION)
+        if warm < 1.0:
+            return config.lr * warm
     floor = config.lr * config.min_lr_ratio
     return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
 
