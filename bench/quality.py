@@ -23,6 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import machine  # noqa: E402
+
 from textrnn.checkpoint import read_metrics  # noqa: E402
 from textrnn.config import DEFAULT_PRESET, TrainConfig, preset  # noqa: E402
 from textrnn.data import preprocess  # noqa: E402
@@ -30,18 +32,6 @@ from textrnn.training import train  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 RESULTS = ROOT / "bench" / "results"
-
-
-def machine() -> str:
-    name = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def run_textrnn(data_dir: Path, minutes: float, evals: int = 6, model_overrides: dict | None = None,

@@ -30,6 +30,8 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import machine  # noqa: E402
+
 from textrnn.config import ModelConfig  # noqa: E402
 from textrnn.model import RNNLanguageModel  # noqa: E402
 from textrnn.runtime import _cpu_bf16_rnn_works, cpu_has_fast_bf16  # noqa: E402
@@ -38,16 +40,6 @@ from textrnn.tokenizers import CharTokenizer  # noqa: E402
 
 PROMPT = "ROMEO:\n"
 GOALS = {"issue 4": 2_000, "issue 7": 5_000}
-
-
-def machine() -> str:
-    name = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 def best_rate(run, chars: int, repeats: int, warm_up: bool = True) -> float:

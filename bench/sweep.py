@@ -22,7 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.quality import CORPUS, RESULTS, machine, run_textrnn  # noqa: E402
+from bench.common import machine  # noqa: E402
+from bench.quality import CORPUS, RESULTS, run_textrnn  # noqa: E402
 from textrnn.data import preprocess  # noqa: E402
 from textrnn.runtime import resolve_device, resolve_precision  # noqa: E402
 

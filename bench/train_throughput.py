@@ -47,6 +47,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import machine  # noqa: E402
+
 from textrnn.config import DEFAULT_PRESET, ModelConfig, TrainConfig, preset  # noqa: E402
 from textrnn.data import load_dataset, preprocess  # noqa: E402
 from textrnn.runtime import _cpu_bf16_rnn_works, cpu_has_fast_bf16  # noqa: E402
@@ -55,16 +57,6 @@ from textrnn.training import train  # noqa: E402
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 GOAL = 1.0
 WARMUP_STEPS = 2
-
-
-def machine() -> str:
-    name = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), name)
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
 # ---------------------------------------------------------------- the machine's limit
