@@ -173,14 +173,6 @@ def iter_corpus(files: list[Path], errors: str = "strict", newline: str = "lf",
                                on_raw=None if on_raw is None else lambda raw, index=index: on_raw(index, raw))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------- preprocessing
 
 @dataclass

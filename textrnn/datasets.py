@@ -137,12 +137,12 @@ def _is_intact(path: Path, dataset: Dataset) -> bool:
     try:
         if not path.is_file() or path.stat().st_size != dataset.size:
             return False
-        return _file_sha256(path) == dataset.sha256
+        return file_sha256(path) == dataset.sha256
     except OSError:
         return False
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     """The hex sha256 of a file, read in chunks."""
     hasher = hashlib.sha256()
     with path.open("rb") as file:

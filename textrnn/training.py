@@ -211,13 +211,13 @@ def _default_run_dir(inputs: list[Path]) -> Path:
 
 
 def _data_fingerprint(dataset: Dataset) -> dict[str, str]:
-    from .data import _sha256
+    from .datasets import file_sha256
 
     fingerprint = {}
     for name in ("train", "val"):
         path = dataset.path / f"{name}.bin"
         try:
-            fingerprint[name] = _sha256(path)
+            fingerprint[name] = file_sha256(path)
         except OSError as exc:  # deleted or moved since preprocessing
             raise CheckpointError(f"{path}: cannot read the training data ({exc.strerror}); "
                                   f"it is needed to resume") from None
