@@ -29,17 +29,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Benchmarks (results go into BENCHMARKS.md): about 25 minutes; bench-full adds the 5- and
-# 10-minute runs (about an hour more).
+# Benchmarks (results go into BENCHMARKS.md): about 30 minutes; bench-full adds the 5- and
+# 10-minute sweeps and the quality run against the GPT baseline (about 1 h 10 min more).
 bench: $(STAMP)
 	$(BIN)/python bench/preprocess.py --size-mb 1024
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/sampling.py --preset small --cell gru --quick
 	$(BIN)/python bench/ddp_scaling.py
-	$(BIN)/python bench/sweep.py --minutes 2 --presets small medium --cells lstm gru rnn
+	$(BIN)/python bench/sweep.py --minutes 2 --presets small --cells gru lstm rnn
+	$(BIN)/python bench/sweep.py --minutes 2 --presets medium large --cells gru
 
 bench-full: bench
-	$(BIN)/python bench/sweep.py --minutes 5 --presets small medium --cells lstm gru
+	$(BIN)/python bench/sweep.py --minutes 5 --presets small --cells gru lstm rnn
+	$(BIN)/python bench/sweep.py --minutes 10 --presets small --cells lstm rnn
 	$(BIN)/python bench/quality.py --minutes 10
 
 clean:

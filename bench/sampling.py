@@ -1,10 +1,12 @@
-"""Sampling speed of a 2x512 LSTM (random weights, 65-symbol char vocabulary) on this machine.
+"""Sampling speed on this machine: by default a 2x512 LSTM (random weights, 65-symbol char vocabulary).
+
+``--preset``/``--cell`` measure another model instead, such as textrnn's default (small GRU).
 
 Rows, all in one run on the same model and weights:
   - ``Sampler.stream`` at batch 1 (what ``textrnn generate`` does) and ``generate(num_samples=32)``;
   - ``model.step`` alone at batch 1: the ceiling the sampler's own overhead is measured against;
   - a naive loop that re-runs the whole prefix every token (what a sampler without a state cache does);
-  - a plain ``nn.LSTM`` called once per character, state carried: the usual hand-written loop.
+  - a plain ``nn.LSTM`` (``nn.GRU``, ``nn.RNN``) called once per character, state carried: the usual hand-written loop.
 Each cell is the best of ``--repeats`` short timings (the machine is shared: the best is the
 least disturbed, and the load average is printed); chars/s counts generated characters only.
 "fp16 weights" is ``Sampler(precision="fp16")``: fp16 copies of the recurrent matrices, fp32
@@ -13,6 +15,7 @@ says why not.
 
     python bench/sampling.py                      # the table, as in BENCHMARKS.md
     python bench/sampling.py --length 4000 --repeats 9 --threads 1
+    python bench/sampling.py --preset small --cell gru --quick   # the default model's batch-1 rows
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import machine  # noqa: E402
 
-from textrnn.config import ModelConfig  # noqa: E402
+from textrnn.config import PRESETS, preset  # noqa: E402
 from textrnn.model import RNNLanguageModel  # noqa: E402
 from textrnn.runtime import _cpu_bf16_rnn_works, cpu_has_fast_bf16  # noqa: E402
 from textrnn.sampling import Sampler, fp16_weights_supported, sample_logits  # noqa: E402
@@ -54,11 +57,10 @@ def best_rate(run, chars: int, repeats: int, warm_up: bool = True) -> float:
     return chars / best
 
 
-def build(seed: int = 0) -> tuple[RNNLanguageModel, CharTokenizer]:
+def build(name: str = "medium", cell: str = "lstm", seed: int = 0) -> tuple[RNNLanguageModel, CharTokenizer]:
     torch.manual_seed(seed)
     tokenizer = CharTokenizer(string.ascii_letters + " \n.,;:!?'-&$")  # 64 symbols + the unknown id = 65
-    config = ModelConfig(vocab_size=tokenizer.vocab_size, cell="lstm", num_layers=2, hidden_size=512,
-                         embedding_dim=128, dropout=0.0)
+    config = preset(name, vocab_size=tokenizer.vocab_size, cell=cell, dropout=0.0)
     return RNNLanguageModel(config).eval(), tokenizer
 
 
@@ -72,10 +74,13 @@ def naive_prefix(model: RNNLanguageModel, tokenizer: CharTokenizer, length: int)
             ids.append(int(sample_logits(logits[:, -1], 0.8, generator=generator)))
 
 
-def plain_lstm_loop(length: int, vocab: int, seed: int = 0) -> callable:
-    """The textbook loop: embedding, ``nn.LSTM`` on one character, linear head, multinomial."""
+def plain_loop(config, length: int, seed: int = 0) -> callable:
+    """The textbook loop: embedding, ``nn.LSTM`` (or GRU, RNN) on one character, linear head, multinomial."""
     torch.manual_seed(seed)
-    embedding, lstm, head = nn.Embedding(vocab, 128), nn.LSTM(128, 512, 2, batch_first=True), nn.Linear(512, vocab)
+    rnn_class = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[config.cell]
+    vocab, hidden = config.vocab_size, config.hidden_size
+    embedding, head = nn.Embedding(vocab, config.embedding_dim), nn.Linear(hidden, vocab)
+    lstm = rnn_class(config.embedding_dim, hidden, config.num_layers, batch_first=True)
 
     def run() -> None:
         generator = torch.Generator().manual_seed(0)
@@ -99,12 +104,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timings per cell; the best is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="only the batch-1 stream and step rows")
+    parser.add_argument("--preset", choices=list(PRESETS), default="medium", help="model size (medium = 2x512)")
+    parser.add_argument("--cell", choices=["lstm", "gru", "rnn"], default="lstm")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     load_at_start = f"{os.getloadavg()[0]:.1f}"  # the machine is shared: say how busy it was
-    model, tokenizer = build()
+    model, tokenizer = build(args.preset, args.cell)
+    c = model.config
+    described = f"{c.num_layers}x{c.hidden_size} {c.cell.upper()}, embedding {c.embedding_dim}"
     precisions = ["fp32"] + (["fp16"] if fp16_weights_supported() else [])
     samplers = {p: Sampler(model, tokenizer, precision=p) for p in precisions}
     options = dict(temperature=0.8, seed=1)
@@ -154,15 +163,16 @@ def main() -> None:
                         "a sampler without a state cache; falls as the text grows", only_fp32=True, repeats=1)
         rows[-1] = (rows[-1][0], rows[-1][1], rows[-1][2] + f"; {stream['fp32'] / naive['fp32']:.0f}x slower "
                     f"than carrying the state")
-        measure("plain nn.LSTM per character, batch 1", lambda p: plain_lstm_loop(args.length, tokenizer.vocab_size),
-                args.length, "the usual hand-written loop (oneDNN per call)", only_fp32=True)
+        measure(f"plain nn.{c.cell.upper()} per character, batch 1",
+                lambda p: plain_loop(c, args.length), args.length, "the usual hand-written loop (oneDNN per call)",
+                only_fp32=True)
 
     if cpu_has_fast_bf16() and _cpu_bf16_rnn_works():
         bf16 = "not measured: no bf16 sampling path yet (batch 1 is bound by reading the weights)"
     else:
         bf16 = "n/a on this CPU: no AMX or AVX512-BF16, so oneDNN has no bf16 kernels here"
 
-    print(f"# sampling speed: 2x512 LSTM, embedding 128, vocab {tokenizer.vocab_size}, random weights")
+    print(f"# sampling speed: {described}, vocab {tokenizer.vocab_size}, random weights")
     print(f"# machine: {machine()}; load average {load_at_start} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(f"# command: python bench/sampling.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"# best of {args.repeats} timings per cell; batch-1 rows generate {args.length} characters after a "

@@ -4,8 +4,8 @@ Each configuration trains on tiny Shakespeare (90/10 split, char level) for the 
 another in this process, and the final val loss (nats/char over the whole val split) is tabled.
 bf16 rows run only where ``--precision auto`` would pick bf16 (AMX/AVX512-BF16 CPUs, CUDA).
 
-    python bench/sweep.py --minutes 2 --presets small medium --cells lstm gru rnn
-    python bench/sweep.py --minutes 5 --presets small medium --cells lstm
+    python bench/sweep.py --minutes 2 --presets small --cells gru lstm rnn
+    python bench/sweep.py --minutes 10 --presets small --cells lstm rnn
 """
 
 from __future__ import annotations

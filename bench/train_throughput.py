@@ -2,9 +2,10 @@
 shape, and model FLOP utilisation against this machine's measured matmul peak.
 
 Rows, all in one run:
-  - the matmul peak: the best GFLOP/s of square ``torch.mm`` in fp32, and in bf16 where the CPU
-    has bf16 matrix units (AMX or AVX512-BF16) and oneDNN runs bf16 recurrent layers; elsewhere
-    bf16 shows n/a and why;
+  - the matmul peak: the best GFLOP/s of square ``torch.mm`` in fp32 and in bf16 (without bf16
+    matrix units, AMX or AVX512-BF16, the bf16 figure shows how slowly it is emulated);
+  - bf16 training rows only where the CPU has those units and oneDNN runs bf16 recurrent layers;
+    elsewhere they show n/a and the reason;
   - for the default preset and for a 2x512 LSTM, at the default batch and window: training
     chars/s of ``textrnn.training.train`` itself (the real loop: windows from the memmapped
     split, forward, loss, backward, clip, AdamW, metrics), and of a plain loop written below
@@ -188,7 +189,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     why_not_bf16 = bf16_status()
     precisions = ["fp32"] + (["bf16"] if why_not_bf16 is None else [])
-    peaks = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16) for p in precisions}
+    # both peaks always: without bf16 units the bf16 one shows what autocast would run at here
+    peaks = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16) for p in ("fp32", "bf16")}
 
     with tempfile.TemporaryDirectory(prefix="throughput-data-") as tmp:
         if CORPUS.is_file():
@@ -213,11 +215,11 @@ def main() -> None:
                 key = (tuple(sorted(config.to_dict().items())), precision)
                 if key not in measured:
                     measured[key] = measure(data_dir, train_ids, config, train_config, args.steps, precision)
-    for precision in precisions:  # again at the end: the best of both is the least disturbed
+    for precision in peaks:  # again at the end: the best of both is the least disturbed
         peaks[precision] = max(peaks[precision], matmul_peak(torch.float32 if precision == "fp32" else torch.bfloat16))
 
     print(f"matmul peak (1024x1024 torch.mm, best of repeats before and after): fp32 {peaks['fp32']:.0f} GFLOP/s; "
-          + (f"bf16 {peaks['bf16']:.0f} GFLOP/s" if "bf16" in peaks else f"bf16 n/a ({why_not_bf16})"))
+          + f"bf16 {peaks['bf16']:.0f} GFLOP/s" + (f" (bf16 training n/a: {why_not_bf16})" if why_not_bf16 else ""))
     print(f"data: {source.name}, char vocab {vocab}, {len(train_ids):,} training tokens")
     print(f"training at batch {train_config.batch_size} x seq_len {train_config.seq_len}, {args.steps} timed steps of "
           f"each loop per model, interleaved step by step.\nchars/s: median step (best step); ratio: median over "

@@ -71,6 +71,17 @@ class ScriptedModel(torch.nn.Module):
         return self._logits(position[0, :, 0]), (position,)
 
 
+def watch_steps(model, watch) -> None:
+    """Call ``watch(ids)`` before every step the sampler takes with ``model``'s ``stepper``."""
+    stepper = model.stepper
+
+    def watched(precision):
+        step = stepper(precision)
+        return lambda ids, state: (watch(ids), step(ids, state))[1]
+
+    model.stepper = watched
+
+
 # ---------------------------------------------------------------- sample_logits
 
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (3, 1.0), (0, 0.5), (2, 0.3)])
@@ -294,6 +305,10 @@ def test_step_matches_forward_one_token_at_a_time(cell, tie, layers, hidden, emb
         state = new_state
     for got, want in zip(state, expected_state):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    step = model.stepper()  # what the sampler loops over: the same function
+    with torch.inference_mode():
+        logits, _ = step(ids[:, 0], model.init_state(3))
+    torch.testing.assert_close(logits, expected[:, 0], atol=2e-5, rtol=1e-4)
 
 
 @needs_fp16
@@ -348,8 +363,7 @@ def test_a_longer_sample_extends_a_shorter_one():
 def test_num_samples_gives_distinct_samples_from_one_batch():
     sampler = char_sampler()
     calls = []
-    step = sampler.model.step
-    sampler.model.step = lambda ids, state, **kw: (calls.append(tuple(ids.shape)), step(ids, state, **kw))[1]
+    watch_steps(sampler.model, lambda ids: calls.append(tuple(ids.shape)))
     texts = sampler.generate("the", length=30, seed=1, num_samples=4)
     assert isinstance(texts, list) and len(texts) == 4
     assert len(set(texts)) == 4 and all(len(t) == 30 for t in texts)
@@ -407,8 +421,7 @@ def test_one_stream_runs_on_one_thread_and_leaves_the_caller_alone():
     sampler = char_sampler()
     threads = torch.get_num_threads()
     seen = []
-    step = sampler.model.step
-    sampler.model.step = lambda *a, **k: (seen.append(torch.get_num_threads()), step(*a, **k))[1]
+    watch_steps(sampler.model, lambda ids: seen.append(torch.get_num_threads()))
     for _ in sampler.stream("ab", length=10, seed=0):
         assert torch.get_num_threads() == threads  # the caller's code runs with its own setting
         assert not torch.is_inference_mode_enabled()  # and in its own autograd mode

@@ -356,7 +356,8 @@ def generate(
     unknown: Annotated[Unknown, typer.Option(help="Prompt characters outside the vocabulary: error or skip.")] = Unknown.error,
     device: Annotated[Device, typer.Option(help="Device.")] = Device.auto,
     precision: Annotated[SamplePrecision, typer.Option(
-        help="Sampling weights: auto is fp16 on x86 CPUs (faster, logits within ~1e-3), fp32 elsewhere.")
+        help="Sampling weights: auto is fp16 on x86 CPUs for models of 2M+ parameters (faster, logits "
+             "within ~1e-3), fp32 otherwise.")
     ] = SamplePrecision.auto,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Prompt loop: type a prompt, get text.")] = False,
 ) -> None:

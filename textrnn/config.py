@@ -56,7 +56,7 @@ class ModelConfig:
 # `textrnn train --help` and `textrnn info`, computed for a 65-symbol vocabulary.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(num_layers=1, hidden_size=128, embedding_dim=64, dropout=0.0),
-    "small": dict(num_layers=2, hidden_size=256, embedding_dim=128, dropout=0.1),
+    "small": dict(num_layers=2, hidden_size=256, embedding_dim=128, dropout=0.05),
     "medium": dict(num_layers=2, hidden_size=512, embedding_dim=128, dropout=0.2),
     "large": dict(num_layers=3, hidden_size=1024, embedding_dim=256, dropout=0.3),
 }
@@ -88,10 +88,10 @@ def count_parameters(config: ModelConfig, vocab_size: int | None = None) -> int:
 
 @dataclass
 class TrainConfig:
-    seq_len: int = 128  # BPTT window: tokens per stream per step
-    batch_size: int = 32  # parallel contiguous streams
-    lr: float = 3e-3  # peak learning rate (AdamW)
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    seq_len: int = 64  # BPTT window: tokens per stream per step
+    batch_size: int = 64  # parallel contiguous streams
+    lr: float = 5e-3  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100  # linear warmup
     weight_decay: float = 0.01  # AdamW decoupled weight decay on matrices
     grad_clip: float = 1.0  # global-norm clip; 0 switches it off

@@ -9,6 +9,8 @@ Configs live in ``config.py``; training and sampling loops live elsewhere.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -93,9 +95,11 @@ class RNNLanguageModel(nn.Module):
     def _prepared(self, precision: str = "fp32") -> dict:
         """Weights laid out for ``step``; rebuilt whenever a parameter changes in place or moves.
 
-        Layer 0's input projection of every token, both biases included, is precomputed as a
-        table, so the first layer costs a lookup instead of a matmul. A higher layer's two
-        matmuls become one, over ``[input, h]`` and ``[w_ih | w_hh]`` side by side. LSTM gate
+        Layer 0's input projection of every token, biases included, is precomputed as a table,
+        so the first layer costs a lookup instead of a matmul. A higher layer's two matmuls
+        become one, over ``[input, h]`` and ``[w_ih | w_hh]`` side by side (for a GRU, for r and
+        z only: r scales the hidden part of n on its own). Every op left costs about as much
+        as its arithmetic at batch 1, so the layout keeps their number down. LSTM gate
         rows are reordered from torch's (i, f, g, o) to (i, f, o, g), so that one sigmoid and one
         tanh cover all four gates. ``precision="fp16"`` (CPU, x86) stores the recurrent matrices
         as fp16, prepacked for fbgemm, and computes in fp32: half the bytes to read per token,
@@ -135,10 +139,20 @@ class RNNLanguageModel(nn.Module):
             for k in range(self.config.num_layers):
                 w_ih, w_hh = getattr(self.rnn, f"weight_ih_l{k}"), getattr(self.rnn, f"weight_hh_l{k}")
                 b_ih, b_hh = getattr(self.rnn, f"bias_ih_l{k}"), getattr(self.rnn, f"bias_hh_l{k}")
-                if cell == "gru":  # r scales only the hidden part of n, so the projections stay apart
-                    from_below = (F.linear(self.embedding.weight, w_ih, b_ih).contiguous() if k == 0
-                                  else projection(w_ih, b_ih))  # a (V, 3H) table, or a projection
-                    layers.append((from_below, projection(w_hh, b_hh)))
+                if cell == "gru":
+                    # r scales only the hidden part of n, so n's two projections stay apart, while
+                    # r and z take one sum: (r, z) = [below, h] @ W_rz.T + b_rz. Layer 0's parts
+                    # from below are tables, (V, 2H) for r, z (both r, z biases in) and (V, H) for n.
+                    rz, n = slice(0, 2 * hidden), slice(2 * hidden, 3 * hidden)
+                    b_rz = b_ih[rz] + b_hh[rz]
+                    if k == 0:
+                        table = F.linear(self.embedding.weight, w_ih, b_ih)
+                        below_rz = (table[:, rz] + b_hh[rz]).contiguous()
+                        layers.append(((below_rz, table[:, n].contiguous()), projection(w_hh[rz], None),
+                                       projection(w_hh[n], b_hh[n])))
+                    else:
+                        layers.append((projection(torch.cat([w_ih[rz], w_hh[rz]], dim=1), b_rz),
+                                       projection(w_ih[n], b_ih[n]), projection(w_hh[n], b_hh[n])))
                 elif k == 0:
                     table = reorder(F.linear(self.embedding.weight, w_ih, b_ih + b_hh).t()).t().contiguous()
                     layers.append((table, projection(reorder(w_hh), None)))  # (V, gates*H), h -> gates
@@ -161,22 +175,40 @@ class RNNLanguageModel(nn.Module):
         a fraction of its per-call cost: sampling calls it once per generated token.
         ``precision="fp16"`` reads fp16 copies of the recurrent weights (see ``_prepared``).
         """
+        return self._step(self._prepared(precision), ids, state)
+
+    def stepper(self, precision: str = "fp32") -> Callable[[torch.Tensor, State], tuple[torch.Tensor, State]]:
+        """``step`` bound to the weights as they are now, for a loop of many steps (a sampler's).
+
+        It skips ``step``'s per-call check that the weights have not changed, so a change made
+        while the loop runs is not seen; the caller holds ``torch.inference_mode()``.
+        """
         cache = self._prepared(precision)
+        return lambda ids, state: self._step(cache, ids, state)
+
+    def _step(self, cache: dict, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         cell, hidden = self.config.cell, self.config.hidden_size
         hs = state[0].unbind(0)  # L x (B, H)
         cs = state[1].unbind(0) if cell == "lstm" else None
         new_h, new_c = [], []
         x = None  # the output of the layer below, (B, H)
-        for k, (below, project) in enumerate(cache["layers"]):
+        for k, layer in enumerate(cache["layers"]):
             h = hs[k]
             if cell == "gru":
-                gi = below[ids] if k == 0 else below(x)  # (B, 3H): r, z, n
-                gh = project(h)
-                r, z = (gi[:, :2 * hidden] + gh[:, :2 * hidden]).sigmoid().chunk(2, 1)
-                n = torch.addcmul(gi[:, 2 * hidden:], r, gh[:, 2 * hidden:]).tanh()
+                if k == 0:
+                    (table_rz, table_n), project_rz, project_n = layer
+                    r, z = project_rz(h, table_rz.index_select(0, ids)).sigmoid().chunk(2, 1)
+                    n_below = table_n.index_select(0, ids)
+                else:
+                    project_rz, project_below_n, project_n = layer
+                    r, z = project_rz(torch.cat([x, h], 1)).sigmoid().chunk(2, 1)
+                    n_below = project_below_n(x)
+                n = torch.addcmul(n_below, r, project_n(h)).tanh()
                 x = torch.lerp(n, h, z)  # (1 - z) * n + z * h
             else:
-                gates = project(h, below[ids]) if k == 0 else project(torch.cat([x, h], 1))  # (B, gates*H)
+                below, project = layer
+                gates = (project(h, below.index_select(0, ids)) if k == 0
+                         else project(torch.cat([x, h], 1)))  # (B, gates*H)
                 if cell == "lstm":
                     i, f, o = gates[:, :3 * hidden].sigmoid().chunk(3, 1)
                     c = torch.addcmul(f * cs[k], i, gates[:, 3 * hidden:].tanh())

@@ -24,6 +24,10 @@ from .runtime import resolve_device
 
 MAX_LENGTH = 10_000_000  # tokens per call: far beyond any sensible sample, far below running out of memory
 _GREEDY_BELOW = 1e-30  # temperatures this small are greedy (and would overflow logits / temperature)
+# precision="auto" samples with fp16 weights on x86 CPUs from this model size on: at batch 1 each
+# token reads every weight, and fp16 halves the bytes, which pays once they no longer fit in the
+# caches; below it (the small preset's 0.7M) fbgemm's fp16 kernels are slower than fp32 ones
+FP16_FROM_PARAMETERS = 2_000_000
 _DRAW_BLOCK = 1024  # uniform numbers drawn per generator call: one call per token would cost more than the draw
 
 
@@ -222,8 +226,9 @@ class Sampler:
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.config = config or {}
-        if precision == "auto":
-            precision = "fp16" if self.device.type == "cpu" and fp16_weights_supported() else "fp32"
+        if precision == "auto":  # fp16 pays once the weights outgrow the caches (BENCHMARKS.md)
+            big = sum(p.numel() for p in model.parameters()) >= FP16_FROM_PARAMETERS
+            precision = "fp16" if big and self.device.type == "cpu" and fp16_weights_supported() else "fp32"
         if precision not in ("fp32", "fp16"):
             raise ConfigError(f"sampling precision must be auto, fp32 or fp16, got {precision!r}")
         if precision == "fp16" and not (self.device.type == "cpu" and fp16_weights_supported()):
@@ -236,9 +241,10 @@ class Sampler:
         """A sampler for the best weights of a run directory.
 
         ``device="auto"`` picks cuda, then mps, then cpu. ``precision="auto"`` is fp16 on x86 CPUs
-        and fp32 elsewhere: fp16 copies of the recurrent weights (accumulated in fp32) make sampling
-        about 1.5-2x faster at batch 1, with logits within about 1e-3 of fp32, so a seed gives
-        slightly different text than under ``precision="fp32"`` (each is repeatable on its own).
+        for models of 2M parameters or more, and fp32 otherwise: fp16 copies of the recurrent
+        weights (accumulated in fp32) make a large model's sampling about 1.5x faster at batch 1,
+        with logits within about 1e-3 of fp32, so a seed gives slightly different text than
+        under ``precision="fp32"`` (each is repeatable on its own).
         """
         run = load_run(run_dir, resolve_device(device))
         return cls(run.model, run.tokenizer, run.device, run.config, precision)
@@ -355,6 +361,9 @@ class Sampler:
                 seen = torch.zeros(num_samples, vocab, dtype=torch.bool, device=device)
                 if ids:
                     seen[:, torch.tensor(ids, device=device)] = True
+            # the weights as they are now, for the whole sample (skips a check per token)
+            stepper = getattr(model, "stepper", None)
+            step = stepper(precision) if stepper else functools.partial(model.step, precision=precision)
         for position in range(length):
             column = position % block
             with torch.inference_mode():
@@ -371,26 +380,28 @@ class Sampler:
                                    None if noise is None else noise[column])  # (B,)
                 if seen is not None:
                     seen.scatter_(1, next_ids[:, None], True)
-            for index, token in enumerate(next_ids.tolist()):
-                if done[index]:
-                    continue
-                piece = decoders[index].push(token)
-                if stops and piece:
-                    piece, done[index] = _cut_at_stop(tails[index], piece, stops)
-                    tails[index] = (tails[index] + piece)[-keep:]
-                if piece:
-                    yield index, piece
+                pieces = []
+                for index, token in enumerate(next_ids.tolist()):
+                    if done[index]:
+                        continue
+                    piece = decoders[index].push(token)
+                    if stops and piece:
+                        piece, done[index] = _cut_at_stop(tails[index], piece, stops)
+                        tails[index] = (tails[index] + piece)[-keep:]
+                    if piece:
+                        pieces.append((index, piece))
+                # the next token's logits, before this one's text is handed out (one inference-mode entry per token)
+                if position + 1 < length and not all(done):
+                    if one_thread:
+                        torch.set_num_threads(1)  # only around the step: the caller's code keeps its threads
+                    try:
+                        logits, state = step(next_ids, state)
+                    finally:
+                        if one_thread:
+                            torch.set_num_threads(threads)
+            yield from pieces
             if all(done):
                 return
-            if position + 1 == length:
-                break
-            if one_thread:
-                torch.set_num_threads(1)  # only around the step: the caller's code keeps its threads
-            try:
-                logits, state = model.step(next_ids, state, precision=precision)  # runs in inference mode
-            finally:
-                if one_thread:
-                    torch.set_num_threads(threads)
         for index, decoder in enumerate(decoders):
             if not done[index]:
                 piece = decoder.flush()
