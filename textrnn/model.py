@@ -144,14 +144,13 @@ class RNNLanguageModel(nn.Module):
                     # r and z take one sum: (r, z) = [below, h] @ W_rz.T + b_rz. Layer 0's parts
                     # from below are tables, (V, 2H) for r, z (both r, z biases in) and (V, H) for n.
                     rz, n = slice(0, 2 * hidden), slice(2 * hidden, 3 * hidden)
-                    b_rz = b_ih[rz] + b_hh[rz]
                     if k == 0:
                         table = F.linear(self.embedding.weight, w_ih, b_ih)
                         below_rz = (table[:, rz] + b_hh[rz]).contiguous()
                         layers.append(((below_rz, table[:, n].contiguous()), projection(w_hh[rz], None),
                                        projection(w_hh[n], b_hh[n])))
                     else:
-                        layers.append((projection(torch.cat([w_ih[rz], w_hh[rz]], dim=1), b_rz),
+                        layers.append((projection(torch.cat([w_ih[rz], w_hh[rz]], dim=1), b_ih[rz] + b_hh[rz]),
                                        projection(w_ih[n], b_ih[n]), projection(w_hh[n], b_hh[n])))
                 elif k == 0:
                     table = reorder(F.linear(self.embedding.weight, w_ih, b_ih + b_hh).t()).t().contiguous()
