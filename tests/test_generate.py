@@ -45,7 +45,7 @@ def run_dir(tmp_path_factory) -> Path:
     (root / "corpus.txt").write_text(corpus_text(), encoding="utf-8")
     result = train([root / "corpus.txt"], root / "runs" / "tiny", ModelConfig(num_layers=1, hidden_size=32,
                                                                               embedding_dim=16),
-                   TrainConfig(max_steps=30, batch_size=8, seq_len=32, eval_every=30, lr=1e-2, warmup_steps=3,
+                   TrainConfig(max_steps=30, batch_size=8, seq_len=32, eval_every=30, lr=1e-2, warmup_steps=3, precision="fp32",
                                device="cpu"), val_fraction=VAL_FRACTION)
     return result.run_dir
 

@@ -158,6 +158,8 @@ def test_preprocess_several_files(tmp_path):
     assert tok.decode(ids.tolist()) == text
 
     meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+    for split in ("train", "val"):  # the full hash of each split, for `textrnn info --verify`
+        assert meta["splits"][split].pop("sha256") == hashlib.sha256((out / f"{split}.bin").read_bytes()).hexdigest()
     val_chars = int(len(text) * 0.25)
     assert meta == {
         "format": "textrnn-data", "version": 1, "dtype": "uint8", "vocab_size": tok.vocab_size,

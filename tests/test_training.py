@@ -303,37 +303,6 @@ def test_resume_rejects_changed_data(tmp_path):
         train(resume=tmp_path / "run", resume_overrides={"max_steps": 4})
 
 
-# ---------------------------------------------------------------- --max-time
-
-def test_max_time_stops_in_time_then_evaluates_and_saves(tmp_path, data_dir):
-    """The budget counts training; from the loop's first step to the return (stopping, the final
-    evaluation, the save, loss.png) takes the budget and a little more, not a step more."""
-    budget = 2.0
-    try:  # importing matplotlib for loss.png is a one-time cost of this test process, not of the run
-        import matplotlib.pyplot  # noqa: F401
-        has_plot = True
-    except ImportError:
-        has_plot = False
-    loop_began: list[float] = []
-
-    def note_loop_start(step: int) -> bool:  # called at every step boundary, first before step 0
-        if not loop_began:
-            loop_began.append(time.perf_counter())
-        return False
-
-    result = train([data_dir], tmp_path / "run", tiny_model(),
-                   tiny_train(max_steps=None, max_time=budget, eval_every=10_000), should_stop=note_loop_start)
-    wall = time.perf_counter() - loop_began[0]
-    assert result.stop_reason.startswith("reached max_time")
-    assert budget <= result.elapsed < budget + 0.5  # tiny steps: it stops within one of the budget
-    assert wall < budget + 2.0, wall
-    evals = _metrics(tmp_path / "run", "eval")
-    assert len(evals) == 1 and evals[0]["step"] == result.step > 100
-    assert (tmp_path / "run" / "model.safetensors").is_file()
-    assert (tmp_path / "run" / "loss.png").is_file() == has_plot
-    assert _state(tmp_path / "run")["step"] == result.step
-
-
 # ---------------------------------------------------------------- signals (a real subprocess)
 
 def _textrnn(*args: str, **popen) -> subprocess.Popen:
@@ -403,7 +372,8 @@ def test_sigint_and_sigterm_save_say_how_to_resume_and_exit_130(signal_config):
     rows = ckpt.read_metrics(run_dir)
     steps = [r["step"] for r in rows if r["kind"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] > target - 2  # logged every 2 steps, none twice
-    assert [r["step"] for r in rows if r["kind"] == "eval"] == [target]
+    # the interrupted run scored and kept its weights (it had no evaluation yet); the resumed one ends with one
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [target - 6, target]
 
 
 def test_a_second_signal_exits_at_once(monkeypatch):
@@ -471,7 +441,7 @@ def test_train_config_file_errors_exit_2_with_one_line(tmp_path, data_dir, text,
 def test_train_resume_refuses_model_flags(tmp_path):
     result = _invoke("train", "--resume", tmp_path, "--hidden", "64")
     assert result.exit_code == 2
-    assert "only --max-steps" in _one_error_line(result)
+    assert "only --device, --epochs, --eval-every, --eval-tokens, --max-steps" in _one_error_line(result)
 
 
 def test_train_without_input_is_usage_error():

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import stat
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from .errors import CheckpointError, write_error
+from .fileio import (TMP_PREFIX, atomic_write_bytes, atomic_write_text, read_json, read_regular_file,  
+                     remove_stale_temporaries, staging_directory, write_json)
 
 RUN_FORMAT = "textrnn-run"
 DATA_FORMAT = "textrnn-data"
@@ -32,127 +28,6 @@ STATE_FILE = "state.json"
 STATE_TENSORS_FILE = "state.safetensors"  # hidden state of the streams, RNG states
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
-TMP_PREFIX = ".tmp-"
-
-
-# ---------------------------------------------------------------- atomic writes
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()  # temporary files are private; the renamed result follows the umask
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
-    except OSError as exc:
-        raise write_error(path.parent, exc, "cannot write here") from None
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise write_error(path, exc) from None
-        raise
-    _fsync_directory(path.parent)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
-
-
-def read_regular_file(path: str | os.PathLike) -> bytes:
-    """The bytes of a regular file (after symlinks). A FIFO, device or directory is refused, not read:
-    a hostile run directory could point model.safetensors at /dev/zero or a pipe that never ends."""
-    path = Path(path)
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise CheckpointError(f"{path}: not a regular file")
-    with open(path, "rb") as handle:
-        return handle.read()
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(read_regular_file(path).decode("utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing; is this a textrnn {what}?") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
-@contextmanager
-def staging_directory(final: Path) -> Iterator[Path]:
-    """A temporary sibling directory that becomes ``final`` only if the block completes."""
-    final = Path(final)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX + final.name + ".", dir=final.parent))
-    except OSError as exc:
-        raise write_error(final.parent, exc, "cannot create a directory here") from None
-    try:
-        os.chmod(tmp, 0o777 & ~_UMASK)
-        yield tmp
-        for child in tmp.iterdir():
-            if child.is_file():
-                with open(child, "rb") as handle:
-                    os.fsync(handle.fileno())
-        _fsync_directory(tmp)
-        if final.exists():
-            old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_directory(final.parent)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise write_error(final, exc) from None
-        raise
-
-
-def remove_stale_temporaries(directory: Path) -> None:
-    """Delete temporary files a killed process left behind (they are never read as checkpoints)."""
-    for child in Path(directory).glob(TMP_PREFIX + "*"):
-        if child.is_dir():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- tensors
@@ -326,6 +201,13 @@ def load_run(run_dir: str | os.PathLike, device=None, weights: str = "best") -> 
         raise CheckpointError(f"{run_dir}: the model's vocabulary ({model_config.vocab_size}) does not match "
                               f"the tokenizer's ({tokenizer.vocab_size})")
     path = run_dir / WEIGHTS_FILE if weights == "best" else last_dir(run_dir) / WEIGHTS_FILE
+    if weights == "best" and not path.exists() and (run_dir / LAST_DIR / WEIGHTS_FILE).is_file():
+        # a run killed before its first evaluation: its latest weights are the best there are
+        import warnings
+
+        path = run_dir / LAST_DIR / WEIGHTS_FILE
+        warnings.warn(f"{run_dir}: no evaluated weights yet; using {LAST_DIR}/ (the weights at the last save)",
+                      stacklevel=2)
     tensors = load_tensors(path)
     with torch.device("meta"):  # shapes only, nothing allocated: a hostile config.json cannot exhaust memory
         check_weights(RNNLanguageModel(model_config), tensors, path)

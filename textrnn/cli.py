@@ -6,18 +6,19 @@ This is the only module that writes to the terminal or exits: ``TextRNNError`` b
 
 from __future__ import annotations
 
-import math
 import os
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .config import (DEFAULT_PRESET, PRESETS, ModelConfig, TrainConfig, count_parameters, format_duration,
-                     parse_duration, preset)
-from .errors import ConfigError, InputError, TextRNNError
+from .config import (CELLS, DEFAULT_PRESET, DEVICES, PRECISIONS, PRESETS, RESUME_OVERRIDES, TOKENIZERS, ModelConfig,
+                     TrainConfig, build_configs, count_parameters, format_duration, help_text, parse_duration, preset,
+                     read_toml_settings)
+from .errors import InputError, TextRNNError
 
 try:  # typer ships its own copy of click
     from typer._click.exceptions import ClickException as _ClickException
@@ -29,9 +30,13 @@ class _App(typer.Typer):
     """A Typer app whose usage errors are one line (``error: ...``, exit 2), like our own errors."""
 
     def __call__(self, *args, **kwargs):
+        import warnings
+
         command = typer.main.get_command(self)
         try:
-            result = command.main(*args, standalone_mode=False, **kwargs)
+            with warnings.catch_warnings():  # a library warning is one line on stderr, like every other message
+                warnings.showwarning = lambda message, *rest, **more: print(f"note: {message}", file=sys.stderr)
+                result = command.main(*args, standalone_mode=False, **kwargs)
         except _ClickException as exc:
             _fail(exc.format_message().replace("Value error, ", ""), exc.exit_code)
         except typer.Exit as exc:
@@ -66,9 +71,13 @@ def _run(function, *args, **kwargs):
     try:
         return function(*args, **kwargs)
     except TextRNNError as exc:
+        if exc.exit_code == 130:  # stopped on request, with what it had saved: news, not an error
+            print(str(exc), file=sys.stderr, flush=True)
+            sys.exit(130)
         _fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
-        _fail("interrupted", 130)
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
     except MemoryError:
         _fail("out of memory; try a smaller model, --batch-size or input", 1)
     except RuntimeError as exc:
@@ -77,30 +86,15 @@ def _run(function, *args, **kwargs):
         _fail("out of memory; try a smaller model, --batch-size or input", 1)
 
 
-class Tokenizer(str, Enum):
-    char = "char"
-    byte = "byte"
-    bpe = "bpe"
-    unigram = "unigram"
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A typer choice type from one of config.py's tuples of valid values."""
+    return Enum(name, {value: value for value in values}, type=str)
 
 
-class Cell(str, Enum):
-    lstm = "lstm"
-    gru = "gru"
-    rnn = "rnn"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
-
-
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
+Tokenizer = _choices("Tokenizer", TOKENIZERS)
+Cell = _choices("Cell", CELLS)
+Device = _choices("Device", DEVICES)
+Precision = _choices("Precision", PRECISIONS)
 
 
 class SamplePrecision(str, Enum):
@@ -151,136 +145,99 @@ def preprocess(
 
 # ---------------------------------------------------------------- train
 
-_MODEL_KEYS = {"cell", "num_layers", "hidden_size", "embedding_dim", "dropout", "tie_weights"}
-_DATA_KEYS = {"tokenizer", "vocab_size", "val_fraction", "errors", "preset"}
-_DATA_TYPES = {"tokenizer": str, "vocab_size": int, "val_fraction": (int, float), "errors": str, "preset": str}
+def _model_help(name: str) -> str:
+    return help_text(ModelConfig, name)
 
 
-def _read_toml(path: Path) -> dict:
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        import tomli as tomllib
-    try:
-        with open(path, "rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such config file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, expected a TOML file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: malformed TOML ({exc})") from None
-    except UnicodeDecodeError as exc:  # tomllib reads UTF-8 only
-        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at {exc.start})") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
-    flat: dict = {}
-    for key, value in data.items():
-        if key in ("model", "train", "data") and isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
-    train_keys = {f for f in TrainConfig.__dataclass_fields__}
-    unknown = sorted(set(flat) - _MODEL_KEYS - _DATA_KEYS - train_keys)
-    if unknown:
-        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
-    if "max_time" in flat:
-        try:
-            flat["max_time"] = parse_duration(flat["max_time"])
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: max_time: {exc}") from None
-    return flat
-
-
-def _build_configs(file_settings: dict, flags: dict, source: str) -> tuple[ModelConfig, TrainConfig, dict]:
-    """Preset, then the config file, then command-line flags (flags win)."""
-    settings = {**file_settings, **{k: v for k, v in flags.items() if v is not None}}
-    for key, kinds in _DATA_TYPES.items():  # not dataclass fields, so from_dict does not check them
-        value = settings.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
-            raise ConfigError(f"{source}: {key} has the wrong type ({type(value).__name__}: {value!r})")
-    name = settings.pop("preset", DEFAULT_PRESET)
-    if not isinstance(name, str):
-        raise ConfigError(f"{source}: preset must be a name")
-    base = preset(name)
-    model = {**base.to_dict(), **{k: v for k, v in settings.items() if k in _MODEL_KEYS}}
-    data = {k: settings[k] for k in _DATA_KEYS - {"preset"} if k in settings}
-    train = {k: v for k, v in settings.items() if k not in _MODEL_KEYS and k not in _DATA_KEYS}
-    return (ModelConfig.from_dict(model, source), TrainConfig.from_dict(train, source), data)
+def _train_help(name: str) -> str:
+    return help_text(TrainConfig, name)
 
 
 @app.command(help=f"""Train a model on text files, a directory of them, or a preprocessed directory.
 
-Stops at --max-steps, --epochs or --max-time, whichever comes first (10 minutes if none is given).
-Ctrl-C saves the run; continue it with --resume RUN_DIR. Presets: {", ".join(PRESETS)}.""")
+Stops at --max-steps, --epochs or --max-time, whichever comes first (a 10-minute budget if none
+is given). A time budget is wall time for the whole run, final evaluation and save included
+(preprocessing raw text is reported apart): after a short calibration it becomes a planned
+number of steps, which the learning-rate schedule and the evaluations follow. Ctrl-C saves the
+run; continue it with --resume RUN_DIR. Presets: {", ".join(PRESETS)}.""")
 def train(
     inputs: Annotated[Optional[list[Path]], typer.Argument(help="Text files, directories, or a preprocess directory.",
                                                            show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default runs/NAME-TIME).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory [default: runs/NAME-TIME].")] = None,
     config: Annotated[Optional[Path], typer.Option(help="TOML file of settings; flags override it.")] = None,
     preset_name: Annotated[Optional[str], typer.Option("--preset", help=_preset_help())] = None,
-    cell: Annotated[Optional[Cell], typer.Option(help="Recurrent cell (default gru).")] = None,
-    layers: Annotated[Optional[int], typer.Option(help="Recurrent layers.")] = None,
-    hidden: Annotated[Optional[int], typer.Option(help="Hidden units per layer.")] = None,
-    embed: Annotated[Optional[int], typer.Option(help="Embedding size.")] = None,
-    dropout: Annotated[Optional[float], typer.Option(help="Dropout between layers and on input/output.")] = None,
-    tie: Annotated[Optional[bool], typer.Option("--tie/--no-tie", help="Tie embedding and output weights.")] = None,
-    seq_len: Annotated[Optional[int], typer.Option(help="BPTT window length.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Parallel streams per step (per process).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
-    warmup: Annotated[Optional[int], typer.Option(help="Warmup steps.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay.")] = None,
-    clip: Annotated[Optional[float], typer.Option(help="Gradient clipping global norm (0 = off).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N steps in all.")] = None,
-    max_time: Annotated[Optional[str], typer.Option(help="Stop after a time budget: 90s, 10m, 1h30m.")] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Stop after N passes over the data.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Steps between evaluations.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    device: Annotated[Optional[Device], typer.Option(help="Device.")] = None,
-    precision: Annotated[Optional[Precision], typer.Option(help="auto: bf16 where the hardware has it.")] = None,
-    compile_model: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile.")] = None,
-    tokenizer: Annotated[Optional[Tokenizer], typer.Option(help="Tokenizer for raw text input.")] = None,
+    cell: Annotated[Optional[Cell], typer.Option(help=_model_help("cell"))] = None,
+    layers: Annotated[Optional[int], typer.Option(help=_model_help("num_layers") + " [default: the preset's]")] = None,
+    hidden: Annotated[Optional[int], typer.Option(help=_model_help("hidden_size") + " [default: the preset's]")] = None,
+    embed: Annotated[Optional[int], typer.Option(help=_model_help("embedding_dim") + " [default: the preset's]")] = None,
+    dropout: Annotated[Optional[float], typer.Option(help=_model_help("dropout") + " [default: the preset's]")] = None,
+    tie: Annotated[Optional[bool], typer.Option("--tie/--no-tie", help=_model_help("tie_weights"))] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help=_train_help("seq_len"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=_train_help("batch_size"))] = None,
+    lr: Annotated[Optional[float], typer.Option(help=_train_help("lr"))] = None,
+    warmup: Annotated[Optional[int], typer.Option(help=_train_help("warmup_steps"))] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help=_train_help("weight_decay"))] = None,
+    clip: Annotated[Optional[float], typer.Option(help=_train_help("grad_clip"))] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help=_train_help("max_steps"))] = None,
+    max_time: Annotated[Optional[str], typer.Option(help=_train_help("max_time"))] = None,
+    epochs: Annotated[Optional[float], typer.Option(help=_train_help("epochs"))] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help=_train_help("eval_every"))] = None,
+    eval_tokens: Annotated[Optional[int], typer.Option(help=_train_help("eval_tokens"))] = None,
+    seed: Annotated[Optional[int], typer.Option(help=_train_help("seed"))] = None,
+    threads: Annotated[Optional[int], typer.Option(help=_train_help("threads"))] = None,
+    device: Annotated[Optional[Device], typer.Option(help=_train_help("device"))] = None,
+    precision: Annotated[Optional[Precision], typer.Option(help=_train_help("precision"))] = None,
+    compile_model: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help=_train_help("compile"))] = None,
+    tokenizer: Annotated[Optional[Tokenizer], typer.Option(help="Tokenizer for raw text input [default: char].")] = None,
     vocab_size: Annotated[Optional[int], typer.Option(help="Vocabulary size for bpe/unigram.")] = None,
-    val_fraction: Annotated[Optional[float], typer.Option(help="Validation fraction for raw text.")] = None,
-    errors: Annotated[Optional[Errors], typer.Option(help="Invalid UTF-8: strict or replace.")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option(help="Validation fraction for raw text [default: 0.1].")] = None,
+    errors: Annotated[Optional[Errors], typer.Option(help="Invalid UTF-8: strict or replace [default: strict].")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory.")] = None,
 ) -> None:
+    from .runtime import process_age
     from .training import train as run_training
 
+    started = time.perf_counter() - process_age()  # the budget counts from the process's start
     flags = {
-        "cell": cell.value if cell else None, "num_layers": layers, "hidden_size": hidden, "embedding_dim": embed,
+        "cell": _value(cell), "num_layers": layers, "hidden_size": hidden, "embedding_dim": embed,
         "dropout": dropout, "tie_weights": tie, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
         "warmup_steps": warmup, "weight_decay": weight_decay, "grad_clip": clip, "max_steps": max_steps,
         "max_time": _run(parse_duration, max_time) if max_time is not None else None, "epochs": epochs,
-        "eval_every": eval_every, "seed": seed, "device": device.value if device else None,
-        "precision": precision.value if precision else None, "compile": compile_model,
-        "tokenizer": tokenizer.value if tokenizer else None, "vocab_size": vocab_size, "val_fraction": val_fraction,
-        "errors": errors.value if errors else None, "preset": preset_name,
+        "eval_every": eval_every, "eval_tokens": eval_tokens, "seed": seed, "threads": threads,
+        "device": _value(device), "precision": _value(precision), "compile": compile_model,
+        "tokenizer": _value(tokenizer), "vocab_size": vocab_size, "val_fraction": val_fraction,
+        "errors": _value(errors), "preset": preset_name,
     }
     progress = sys.stderr.isatty() or bool(os.environ.get("TEXTRNN_PROGRESS"))
     if resume is not None:
         if inputs:
             _fail("give either INPUT or --resume RUN_DIR, not both")
-        allowed = {"max_steps", "max_time", "epochs", "eval_every", "device"}
-        ignored = sorted(k for k, v in flags.items() if v is not None and k not in allowed)
+        ignored = sorted(k for k, v in flags.items() if v is not None and k not in RESUME_OVERRIDES)
         if ignored:
-            _fail(f"--resume continues a run with its own settings; only --max-steps, --max-time, --epochs, "
-                  f"--eval-every and --device may change (got {', '.join(ignored)})")
-        result = _run(run_training, resume=resume, resume_overrides={k: flags[k] for k in allowed},
-                      progress=progress, log=_warn)
+            _fail(f"--resume continues a run with its own settings; only "
+                  f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUME_OVERRIDES))} may change "
+                  f"(got {', '.join(ignored)})")
+        result = _run(run_training, resume=resume, resume_overrides={k: flags[k] for k in RESUME_OVERRIDES},
+                      progress=progress, log=_warn, started=started)
     else:
         if not inputs:
             _fail("missing INPUT: give text files, a directory, or a preprocess directory (or --resume RUN_DIR)")
-        file_settings = _run(_read_toml, config) if config else {}
-        model_config, train_config, data = _run(_build_configs, file_settings, flags, str(config or "options"))
-        result = _run(run_training, inputs, out, model_config, train_config, tokenizer=data.get("tokenizer", "char"),
-                      vocab_size=data.get("vocab_size"), val_fraction=data.get("val_fraction", 0.1),
-                      errors=data.get("errors", "strict"), progress=progress, log=_warn)
+        file_settings = _run(read_toml_settings, config) if config else {}
+        model_config, train_config, data = _run(build_configs, file_settings, flags, str(config or "options"))
+        result = _run(run_training, inputs, out, model_config, train_config, tokenizer=data["tokenizer"],
+                      vocab_size=data["vocab_size"], val_fraction=data["val_fraction"], errors=data["errors"],
+                      progress=progress, log=_warn, started=started)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
     best = f"{result.best_val_bpc:.4f}" if result.best_val_bpc is not None else "-"
+    preprocessing = f", preprocessing {format_duration(result.preprocess_time)} apart" if result.preprocess_time >= 0.5 else ""
     print(f"done: best val bpc {best} (loss {result.best_val_loss:.4f}) after {result.step} steps in "
-          f"{format_duration(result.elapsed)} ({result.stop_reason}); run saved in {result.run_dir}", file=sys.stderr)
+          f"{format_duration(result.wall_time)}{preprocessing} ({result.stop_reason}); run saved in {result.run_dir}",
+          file=sys.stderr)
+
+
+def _value(choice: Optional[Enum]) -> Optional[str]:
+    return choice.value if choice is not None else None
 
 
 # ---------------------------------------------------------------- generate
@@ -451,7 +408,11 @@ def evaluate(
 
 
 @app.command()
-def info(run_dir: Annotated[Path, typer.Argument(help="Run directory.", show_default=False)]) -> None:
+def info(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory.", show_default=False)],
+    verify: Annotated[bool, typer.Option("--verify", help="Also check the training data against the full sha256 "
+                                                          "kept in its meta.json (reads all of it).")] = False,
+) -> None:
     """Config, parameter count and training summary of a run."""
     from . import checkpoint as ckpt
 
@@ -467,14 +428,50 @@ def info(run_dir: Annotated[Path, typer.Argument(help="Run directory.", show_def
     print(f"parameters {count_parameters(model):,}")
     print(f"tokenizer  {config['tokenizer'].get('kind')} (vocab {config['tokenizer'].get('vocab_size')})")
     print("training   " + ", ".join(f"{k}={v}" for k, v in train.items() if v is not None))
+    state = _last_state(run_dir)
+    if state:
+        planned = f" of {state['plan']:,} planned" if state.get("plan") else ""
+        status = {"finished": f"finished: {state.get('stop_reason', '')}",
+                  "interrupted": f"interrupted at step {state['step']}; continue with: textrnn train --resume "
+                                 f"{run_dir}"}.get(state.get("status"), "stopped while training (killed)")
+        speed = f", {trains[-1]['chars_per_sec']:,.0f} chars/s" if trains and "chars_per_sec" in trains[-1] else ""
+        threads = f", {state['threads']} thread{'s' if state['threads'] > 1 else ''}" if state.get("threads") else ""
+        print(f"progress   step {state['step']:,}{planned}, {format_duration(state['elapsed'])} trained{speed}{threads}")
+        print(f"status     {status}")
     if evals:
         best = min(evals, key=lambda r: r["val_loss"])
-        last = trains[-1] if trains else evals[-1]
-        speed = f", {last['chars_per_sec']:,.0f} chars/s" if "chars_per_sec" in last else ""
-        print(f"progress   step {max(r['step'] for r in rows)}, {format_duration(last['elapsed'])} trained{speed}")
         print(f"best val   {best['val_loss']:.4f} nats/token, {best['val_bpc']:.4f} bpc at step {best['step']}")
     else:
-        print("progress   no evaluation yet")
+        print("best val   no evaluation yet")
+    if verify:
+        print(f"data       {_run(_verify_data, run_dir, config)}")
+
+
+def _last_state(run_dir: Path) -> dict:
+    """``last/state.json`` of a run, or {} when it has none (a run never saved, or damaged)."""
+    from . import checkpoint as ckpt
+
+    try:
+        return ckpt.read_json(ckpt.last_dir(run_dir) / ckpt.STATE_FILE, "checkpoint")
+    except TextRNNError:
+        return {}
+
+
+def _verify_data(run_dir: Path, config: dict) -> str:
+    """Check train.bin and val.bin against the sha256 that preprocess kept in meta.json."""
+    from . import checkpoint as ckpt
+    from .fileio import file_sha256
+
+    data_dir = run_dir / config.get("data", {}).get("path", "data")
+    meta = ckpt.read_json(data_dir / "meta.json", "preprocess directory")
+    checked = []
+    for split, info in meta.get("splits", {}).items():
+        if "sha256" not in info:
+            raise InputError(f"{data_dir / 'meta.json'}: no sha256 of {split}.bin kept (made by an older textrnn)")
+        if file_sha256(data_dir / f"{split}.bin") != info["sha256"]:
+            raise InputError(f"{data_dir / (split + '.bin')}: sha256 mismatch; the training data changed")
+        checked.append(f"{split}.bin")
+    return f"{', '.join(checked)} match the sha256 in {data_dir / 'meta.json'}"
 
 
 @app.command()

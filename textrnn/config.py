@@ -23,15 +23,20 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def _field(default: Any, help: str) -> Any:
+    """A dataclass field whose ``help`` is the one description of a setting: the CLI and docs show it."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 0  # set from the tokenizer when the model is built
-    cell: str = "gru"  # gru | lstm | rnn (tanh); gru learns fastest per CPU second (BENCHMARKS.md)
-    num_layers: int = 2  # stacked recurrent layers
-    hidden_size: int = 512  # units per recurrent layer
-    embedding_dim: int = 128  # size of the token embedding
-    dropout: float = 0.2  # between recurrent layers, and on the embedding and the output
-    tie_weights: bool = False  # share embedding and head; a projection bridges hidden != embedding
+    vocab_size: int = _field(0, "Vocabulary size; set from the tokenizer when the model is built.")
+    cell: str = _field("lstm", "Recurrent cell: lstm, gru or rnn (tanh).")
+    num_layers: int = _field(2, "Stacked recurrent layers.")
+    hidden_size: int = _field(512, "Units per recurrent layer.")
+    embedding_dim: int = _field(128, "Size of the token embedding.")
+    dropout: float = _field(0.2, "Dropout between recurrent layers, on the embedding and on the output.")
+    tie_weights: bool = _field(False, "Share embedding and output weights (a projection bridges sizes).")
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -88,29 +93,37 @@ def count_parameters(config: ModelConfig, vocab_size: int | None = None) -> int:
 
 @dataclass
 class TrainConfig:
-    seq_len: int = 64  # BPTT window: tokens per stream per step
-    batch_size: int = 64  # parallel contiguous streams
-    lr: float = 5e-3  # peak learning rate (AdamW)
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100  # linear warmup
-    weight_decay: float = 0.01  # AdamW decoupled weight decay on matrices
-    grad_clip: float = 1.0  # global-norm clip; 0 switches it off
-    max_steps: int | None = None  # stop after this many optimizer steps (counted from run start)
-    max_time: float | None = None  # stop after this many seconds of training (from run start)
-    epochs: float | None = None  # stop after this many passes over the training split
-    eval_every: int = 500  # steps between evaluations (and best-weight saves)
-    log_every: int = 10  # steps between metrics.jsonl train rows
-    checkpoint_every: int = 0  # steps between last/ checkpoints besides evaluations; 0 = at evals only
-    seed: int = 1337  # seeds Python, numpy and torch
-    device: str = "auto"  # auto | cpu | cuda | mps
-    precision: str = "auto"  # auto | fp32 | bf16 (autocast)
-    compile: bool = False  # torch.compile the model
-    max_bad_steps: int = 5  # consecutive non-finite or diverged steps before training stops
-    eval_batches: int | None = None  # eval streams; defaults to batch_size
+    seq_len: int = _field(64, "BPTT window: tokens per stream per step.")
+    batch_size: int = _field(64, "Parallel contiguous streams per step (per process).")
+    lr: float = _field(5e-3, "Peak learning rate (AdamW).")
+    min_lr_ratio: float = _field(0.0, "The cosine decays to lr x this.")
+    warmup_steps: int = _field(100, "Linear warmup steps (at most 5% of the planned steps).")
+    weight_decay: float = _field(0.01, "AdamW decoupled weight decay on matrices.")
+    grad_clip: float = _field(1.0, "Global-norm gradient clip (0 = off).")
+    max_steps: int | None = _field(None, "Stop after N optimizer steps, counted from the run's start.")
+    max_time: float | None = _field(None, "Wall-clock budget for the whole run: 90s, 10m, 1h30m "
+                                          "(10m when no stopping rule is given).")
+    epochs: float | None = _field(None, "Stop after N passes over the training split.")
+    eval_every: int | None = _field(None, "Steps between evaluations (default: 10 evaluations over the run).")
+    eval_tokens: int | None = _field(None, "Validation tokens per periodic evaluation (default: all, unless "
+                                           "that takes over 10% of a time budget); the last one is complete.")
+    log_every: int = _field(10, "Steps between metrics.jsonl train rows.")
+    checkpoint_every: int = _field(0, "Steps between last/ checkpoints besides evaluations (0 = at evaluations).")
+    seed: int = _field(1337, "Seeds Python, numpy and torch.")
+    device: str = _field("auto", "auto, cpu, cuda or mps.")
+    precision: str = _field("auto", "auto (bf16 where the hardware has it), fp32 or bf16.")
+    threads: int | None = _field(None, "CPU threads (default: the cores that are idle at start; "
+                                       "TEXTRNN_THREADS sets it too).")
+    compile: bool = _field(False, "torch.compile the model.")
+    max_bad_steps: int = _field(5, "Consecutive non-finite or diverged steps before training stops.")
+    eval_batches: int | None = _field(None, "Evaluation streams (default: the training streams).")
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "batch_size", "eval_every", "log_every", "max_bad_steps"):
+        for name in ("seq_len", "batch_size", "log_every", "max_bad_steps"):
             _check_positive(name, getattr(self, name))
+        for name in ("eval_every", "eval_tokens", "threads"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -211,3 +224,81 @@ def format_duration(seconds: float) -> str:
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+# ---------------------------------------------------------------- settings from a TOML file and flags
+
+MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
+# the data stage's settings: not dataclass fields, so checked here
+DATA_TYPES: dict[str, Any] = {"tokenizer": str, "vocab_size": int, "val_fraction": (int, float), "errors": str,
+                              "preset": str}
+DATA_DEFAULTS: dict[str, Any] = {"tokenizer": "char", "vocab_size": None, "val_fraction": 0.1, "errors": "strict"}
+
+
+def help_text(config_class: type, name: str) -> str:
+    """A setting's help with its default, for ``--help``: the dataclass field is the one source."""
+    item = next(f for f in dataclasses.fields(config_class) if f.name == name)
+    default = item.default
+    shown = "" if default is None else f" [default: {format_duration(default) if name == 'max_time' else default}]"
+    return item.metadata["help"] + shown
+
+
+def read_toml_settings(path: Any) -> dict[str, Any]:
+    """The settings of a TOML file, flattened from its optional [model], [train] and [data] tables."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    from .errors import InputError
+
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, expected a TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: malformed TOML ({exc})") from None
+    except UnicodeDecodeError as exc:  # tomllib reads UTF-8 only
+        raise ConfigError(f"{path}: not UTF-8 text (invalid byte at {exc.start})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in ("model", "train", "data") and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    unknown = sorted(set(flat) - MODEL_KEYS - set(DATA_TYPES) - TRAIN_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    if "max_time" in flat:
+        try:
+            flat["max_time"] = parse_duration(flat["max_time"])
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: max_time: {exc}") from None
+    return flat
+
+
+def build_configs(file_settings: dict[str, Any], flags: dict[str, Any], source: str
+                  ) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
+    """The preset, then the config file, then command-line flags (flags win; a None flag is unset).
+
+    Returns the model and train configs and the data stage's settings (tokenizer, vocab_size,
+    val_fraction, errors), defaults filled in.
+    """
+    settings = {**file_settings, **{k: v for k, v in flags.items() if v is not None}}
+    for key, kinds in DATA_TYPES.items():
+        value = settings.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            raise ConfigError(f"{source}: {key} has the wrong type ({type(value).__name__}: {value!r})")
+    base = preset(settings.pop("preset", DEFAULT_PRESET))
+    model = {**base.to_dict(), **{k: v for k, v in settings.items() if k in MODEL_KEYS}}
+    data = {**DATA_DEFAULTS, **{k: settings[k] for k in DATA_DEFAULTS if k in settings}}
+    train = {k: v for k, v in settings.items() if k in TRAIN_KEYS}
+    return ModelConfig.from_dict(model, source), TrainConfig.from_dict(train, source), data
+
+# what --resume may change: stopping rules, evaluation and where it runs; never the model or the data
+RESUME_OVERRIDES = {"max_steps", "max_time", "epochs", "eval_every", "eval_tokens", "device", "threads"}

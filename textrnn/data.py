@@ -22,6 +22,7 @@ import numpy as np
 
 from .checkpoint import DATA_FORMAT, FORMAT_VERSION, check_format, read_json, staging_directory, write_json
 from .errors import CheckpointError, ConfigError, InputError
+from .fileio import file_sha256
 from .tokenizers import (SENTENCEPIECE_KINDS, ByteTokenizer, CharTokenizer, SentencePieceTokenizer, Tokenizer,
                          check_kind, iter_training_chunks, load_tokenizer, mark_codepoints,
                          smallest_dtype)
@@ -295,7 +296,8 @@ def preprocess(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, 
         meta = {
             "format": DATA_FORMAT, "version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": tok.vocab_size,
             "tokenizer": tok.to_dict(),
-            "splits": {name: {"tokens": w.tokens, "chars": w.chars} for name, w in writers.items()},
+            "splits": {name: {"tokens": w.tokens, "chars": w.chars, "sha256": file_sha256(tmp / f"{name}.bin")}
+                       for name, w in writers.items()},
             "sources": [{"path": str(f), "bytes": size, "sha256": digest.hexdigest()}
                         for f, size, digest in zip(files, sizes, digests)],
             "newline": "crlf->lf" if newline == "lf" else "keep", "errors": errors,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import DatasetError
+from .fileio import file_sha256, fsync_directory
 
 _CHUNK_BYTES = 1 << 16
 
@@ -114,7 +115,7 @@ def download(
                 f"{dataset.sha256}, got {digest}; the download was deleted"
             )
         os.replace(temp_path, target)
-        _fsync_directory(directory)
+        fsync_directory(directory)
     except OSError as error:
         raise DatasetError(f"cannot write {target}: {error.strerror or error}") from error
     finally:
@@ -140,15 +141,6 @@ def _is_intact(path: Path, dataset: Dataset) -> bool:
         return file_sha256(path) == dataset.sha256
     except OSError:
         return False
-
-
-def file_sha256(path: Path) -> str:
-    """The hex sha256 of a file, read in chunks."""
-    hasher = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(_CHUNK_BYTES):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 def _stream(
@@ -206,17 +198,3 @@ def _content_length(response: http.client.HTTPResponse) -> int | None:
         return int(response.headers["Content-Length"])
     except (KeyError, TypeError, ValueError):
         return None
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable; not every platform can open a directory, so best effort."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -87,3 +89,76 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux; 0 elsewhere), so a budget can count the imports too."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime", encoding="ascii") as handle:
+            uptime = float(handle.read().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _busy_cores(seconds: float = 0.25) -> float | None:
+    """How many cores other processes kept busy over a short look at /proc/stat (None if unknown)."""
+    def sample() -> tuple[list[int], float]:
+        with open("/proc/stat", encoding="ascii") as handle:
+            ticks = [int(v) for v in handle.readline().split()[1:]]
+        return ticks, time.process_time()
+
+    try:
+        before, own_before = sample()
+        time.sleep(seconds)
+        after, own_after = sample()
+    except (OSError, ValueError):
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    total = sum(delta)
+    if total <= 0:
+        return None
+    idle = delta[3] + (delta[4] if len(delta) > 4 else 0)  # idle + iowait
+    busy = (total - idle) / total * (os.cpu_count() or 1)
+    own = (own_after - own_before) / seconds
+    return max(0.0, busy - own)
+
+
+def choose_threads(requested: int | None) -> tuple[int, str]:
+    """The intra-op thread count for training, and why.
+
+    An explicit count wins, then ``TEXTRNN_THREADS``, then ``OMP_NUM_THREADS`` (torch already
+    follows it). Otherwise: the usable cores that no other process keeps busy right now. Each
+    parallel region waits for its slowest thread, so one thread sharing a core with a busy
+    process slows every step; a thread fewer runs at near full speed instead (BENCHMARKS.md).
+    """
+    if requested:
+        return requested, "--threads"
+    env = os.environ.get("TEXTRNN_THREADS", "").strip()
+    if env:
+        try:
+            count = int(env)
+        except ValueError:
+            raise ConfigError(f"TEXTRNN_THREADS must be a positive integer, got {env!r}") from None
+        if count < 1:
+            raise ConfigError(f"TEXTRNN_THREADS must be a positive integer, got {env!r}")
+        return count, "TEXTRNN_THREADS"
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    cores = _usable_cores()
+    busy = _busy_cores()
+    if busy is None or cores == 1:
+        return cores, f"{cores} cores"
+    free = max(1, min(cores, round(cores - busy)))
+    if free == cores:
+        return cores, f"{cores} idle cores"
+    return free, f"{cores} cores, {cores - free} busy at start"

@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import CheckpointError, ConfigError, InputError
+from .fileio import atomic_write_bytes, atomic_write_text, read_regular_file
 
 TOKENIZER_FILE = "tokenizer.json"
 SENTENCEPIECE_FILE = "tokenizer.model"
@@ -301,8 +302,6 @@ class SentencePieceTokenizer:
         return {"kind": self.kind, "vocab_size": self.vocab_size, "model_file": SENTENCEPIECE_FILE}
 
     def save(self, directory: Path) -> None:
-        from .checkpoint import atomic_write_bytes
-
         atomic_write_bytes(Path(directory) / SENTENCEPIECE_FILE, self.model_proto)
         _write_json(Path(directory) / TOKENIZER_FILE, {"version": FORMAT_VERSION, **self.to_dict()})
 
@@ -347,8 +346,6 @@ def iter_training_chunks(text_chunks: Iterable[str], max_chars: int = 4000) -> I
 
 
 def _write_json(path: Path, data: dict) -> None:
-    from .checkpoint import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")
 
 
@@ -363,8 +360,6 @@ def tokenizer_from_dict(data: dict, directory: Path) -> Tokenizer:
         return ByteTokenizer()
     if kind in SENTENCEPIECE_KINDS:
         model_path = directory / SENTENCEPIECE_FILE
-        from .checkpoint import read_regular_file
-
         try:
             proto = read_regular_file(model_path)
         except OSError as exc:
