@@ -435,7 +435,7 @@ def test_a_full_disk_stops_training_clearly_and_keeps_the_old_checkpoint(
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_fsync(fd)
 
-    monkeypatch.setattr(training, "_save_last", save_last)
+    monkeypatch.setattr(training, "save_last", save_last)
     if where == "fsync":
         monkeypatch.setattr(os, "fsync", fsync)
     else:

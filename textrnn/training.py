@@ -38,7 +38,7 @@ from .model import RNNLanguageModel, State, detach_state
 from .plot import plot_losses
 from .runstate import data_fingerprint, restore, save_last
 from .runtime import autocast, choose_threads, resolve_precision, set_seed
-from .schedule import BUDGET_TARGET, Costs, eval_interval, eval_token_cap, learning_rate, plan_steps
+from .schedule import BUDGET_TARGET, EVALUATIONS, Costs, eval_interval, eval_token_cap, learning_rate, plan_steps
 
 DEFAULT_MAX_TIME = 600.0  # seconds, when no stopping rule is given
 DIVERGED_FACTOR = 3.0  # a loss above this many times ln(vocab) counts as a bad step
@@ -334,7 +334,7 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
                                        train_config, dist_info)
             _make_plan(state, train_config, costs, agree(clock(), False, dist_info, device)[0],
                        streams.steps_per_epoch, len(val_ids) - 1, limits, dist_info, log)
-        plan, eval_every, eval_tokens = state["plan"], state["eval_every"], state["eval_tokens"]
+        plan, eval_tokens = state["plan"], state["eval_tokens"]
         costs = Costs(**state["costs"]) if state.get("costs") else None
         final_cost = (costs.evaluation(len(val_ids)) + 2 * costs.save + costs.finish) if costs else 0.0
 
@@ -409,12 +409,13 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
 
                 if consecutive_bad:
                     continue  # never evaluate or save in the middle of a bad streak
-                if step % eval_every == 0 and step < plan:
+                if step >= state["next_eval"] and step < plan:
                     state["elapsed"] = clock()
                     if train_config.max_time and step > interval_start[0]:  # the speed since the last evaluation
                         speed = (state["elapsed"] - interval_start[1]) / (step - interval_start[0])
                         plan = _replan(state, train_config, costs, speed, len(val_ids) - 1, dist_info, log)
                     last_val_bpc = _evaluate_and_save(evaluate, eval_tokens, run_dir, model, state, dist_info, log)
+                    state["next_eval"] = step + state["eval_every"]
                     save_last_now()
                     previous_elapsed = None  # the evaluation is not a step
                     interval_start = (step, clock())
@@ -629,8 +630,10 @@ def _make_plan(state: dict, config: TrainConfig, costs: Costs | None, elapsed: f
     plan, reason = min(candidates)
     plan = broadcast(plan, dist_info)  # rank 0's clock decides
     eval_tokens = broadcast(eval_tokens, dist_info)
-    state.update(plan=plan, plan_cap=cap, plan_reason=broadcast(reason, dist_info), eval_every=eval_interval(config, plan),
-                 eval_tokens=eval_tokens, limits=limits, costs=costs.__dict__ if costs else None)
+    every = eval_interval(config, plan)
+    state.update(plan=plan, plan_cap=cap, plan_reason=broadcast(reason, dist_info), eval_every=every,
+                 next_eval=state["step"] + every, evaluations_planned=EVALUATIONS, eval_tokens=eval_tokens,
+                 limits=limits, costs=costs.__dict__ if costs else None)
     if costs:
         log(f"time budget {format_duration(config.max_time)}: {costs.step * 1000:.0f} ms a step, so a plan of "
             f"{plan:,} steps, evaluating every {state['eval_every']:,}"
@@ -659,6 +662,9 @@ def _replan(state: dict, config: TrainConfig, costs: Costs, step_seconds: float,
         state["plan"] = new_plan
         state["plan_reason"] = (f"completed the {new_plan:,} steps replanned for "
                                 f"{format_duration(config.max_time)}")
+        if not config.eval_every:  # the evaluations still to come, spread over the new rest of the plan
+            evaluations_left = max(1, EVALUATIONS - state.get("evaluations_done", 0) - 1)
+            state["eval_every"] = max(1, (new_plan - step) // evaluations_left)
     return new_plan
 
 
@@ -677,6 +683,7 @@ def _evaluate_and_save(evaluate, tokens: int | None, run_dir: Path, model, state
         raise TrainingError(f"validation loss is {val_loss} at step {state['step']}; training diverged; "
                             f"{_what_is_kept(run_dir)}")
     state["last_eval_step"] = state["step"]
+    state["evaluations_done"] = state.get("evaluations_done", 0) + 1
     if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
         state["best_val_loss"], state["best_val_bpc"] = val_loss, val_bpc
         if dist_info.is_main:
