@@ -218,12 +218,14 @@ def check_export(model: nn.Module, onnx_model: bytes | os.PathLike, steps: int =
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, steps), generator=generator)
     was_training = model.training
-    model.eval()
+    if was_training:
+        model.eval()
     try:
         with torch.inference_mode():
             expected, _ = model(ids)  # (B, T, V), the fused RNN over the whole sequence
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     stepper = OnnxStepper(onnx_model, model.config.cell == "lstm", threads=1)
     state = tuple(s.numpy() for s in model.init_state(batch, "cpu"))
     worst = 0.0
