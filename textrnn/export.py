@@ -186,13 +186,15 @@ class OnnxStepper:
     Batch-1 calls run on a one-thread session, larger batches on one with ``threads`` threads.
     """
 
-    def __init__(self, onnx_model: bytes | os.PathLike, lstm: bool, threads: int | None = None):
+    def __init__(self, onnx_model: bytes | os.PathLike, lstm: bool, threads: int | None = None,
+                 one_thread_at_batch_1: bool = True):
         self.onnx_model, self.lstm = onnx_model, lstm
         self.threads = threads or torch.get_num_threads()
+        self.one_thread_at_batch_1 = one_thread_at_batch_1
         self._sessions: dict[int, object] = {}
 
     def _session(self, batch: int):
-        threads = 1 if batch == 1 else self.threads
+        threads = 1 if batch == 1 and self.one_thread_at_batch_1 else self.threads
         if threads not in self._sessions:
             self._sessions[threads] = session(self.onnx_model, threads)
         return self._sessions[threads]
