@@ -10,17 +10,21 @@ Rows, all in one run on the same model and weights:
 Each cell is the best of ``--repeats`` short timings (the machine is shared: the best is the
 least disturbed, and the load average is printed); chars/s counts generated characters only.
 "fp16 weights" is ``Sampler(precision="fp16")``: fp16 copies of the recurrent matrices, fp32
-arithmetic (fbgemm, x86). bf16 needs bf16 matrix units (AMX or AVX512-BF16); without them it
+arithmetic (fbgemm, x86). "onnxruntime" is ``Sampler(engine="onnxruntime")``: the step exported to
+ONNX (fp32) and run by ONNX Runtime, when it is installed; a second table tries its options at
+batch 1 (threads, IO binding, int8 weights). bf16 needs bf16 matrix units (AMX or AVX512-BF16); without them it
 says why not.
 
     python bench/sampling.py                      # the table, as in BENCHMARKS.md
     python bench/sampling.py --length 4000 --repeats 9 --threads 1
-    python bench/sampling.py --preset small --cell gru --quick   # the default model's batch-1 rows
+    python bench/sampling.py --preset small --cell lstm          # the default model (small LSTM)
+    python bench/sampling.py --preset small --cell gru --quick   # batch-1 rows only
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import string
 import sys
@@ -40,6 +44,11 @@ from textrnn.model import RNNLanguageModel  # noqa: E402
 from textrnn.runtime import _cpu_bf16_rnn_works, cpu_has_fast_bf16  # noqa: E402
 from textrnn.sampling import Sampler, fp16_weights_supported, sample_logits  # noqa: E402
 from textrnn.tokenizers import CharTokenizer  # noqa: E402
+
+try:
+    from textrnn.export import OnnxStepper, onnx_available, session, step_graph  # noqa: E402
+except ImportError:  # pragma: no cover
+    onnx_available = None
 
 PROMPT = "ROMEO:\n"
 GOALS = {"issue 4": 2_000, "issue 7": 5_000}
@@ -94,6 +103,73 @@ def plain_loop(config, length: int, seed: int = 0) -> callable:
     return run
 
 
+def ort_experiments(model: RNNLanguageModel, length: int, repeats: int) -> list[tuple[str, float, str]]:
+    """ONNX Runtime's step alone at batch 1, under its options: steps/s and the largest logit change."""
+    import tempfile
+
+    import numpy as np
+    import onnxruntime as ort
+
+    graph = step_graph(model)
+    c = model.config
+    lstm = c.cell == "lstm"
+    shape = (c.num_layers, 1, c.hidden_size)
+
+    def feeds():
+        return {"ids": np.zeros(1, np.int64), "h": np.zeros(shape, np.float32),
+                **({"c": np.zeros(shape, np.float32)} if lstm else {})}
+
+    def plain(sess):
+        def run():
+            state = feeds()
+            for _ in range(length):
+                out = sess.run(None, state)
+                state = {"ids": state["ids"], "h": out[1], **({"c": out[2]} if lstm else {})}
+        return run
+
+    def io_bound(sess):
+        """Inputs and outputs bound once to buffers that swap roles every step: no allocation per call."""
+        names = ["h", "c"] if lstm else ["h"]
+        buffers = [{n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for n in names} for _ in range(2)]
+        ids = ort.OrtValue.ortvalue_from_numpy(np.zeros(1, np.int64))
+        logits = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, c.vocab_size), np.float32))
+        bindings = []
+        for k in range(2):
+            binding = sess.io_binding()
+            binding.bind_ortvalue_input("ids", ids)
+            for n in names:
+                binding.bind_ortvalue_input(n, buffers[k][n])
+                binding.bind_ortvalue_output(n + "_out", buffers[1 - k][n])
+            binding.bind_ortvalue_output("logits", logits)
+            bindings.append(binding)
+
+        def run():
+            for t in range(length):
+                sess.run_with_iobinding(bindings[t % 2])
+        return run
+
+    reference = session(graph, 1).run(None, feeds())[0]
+    rows = []
+    for threads in sorted({1, torch.get_num_threads()}):
+        sess = session(graph, threads)
+        rows.append((f"session.run, {threads} thread(s)", best_rate(plain(sess), length, repeats), "fp32, exact"))
+        rows.append((f"IO binding, {threads} thread(s)", best_rate(io_bound(sess), length, repeats), "fp32, exact"))
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "fp32.onnx").write_bytes(graph)
+            quantize_dynamic(str(Path(tmp) / "fp32.onnx"), str(Path(tmp) / "int8.onnx"), weight_type=QuantType.QInt8)
+            for threads in sorted({1, torch.get_num_threads()}):
+                sess = session(Path(tmp) / "int8.onnx", threads)
+                change = float(np.abs(sess.run(None, feeds())[0] - reference).max())
+                rows.append((f"int8 weights (quantize_dynamic), {threads} thread(s)",
+                             best_rate(plain(sess), length, repeats), f"logits change by up to {change:.2g}"))
+    except Exception as exc:  # noqa: BLE001 - an experiment: say why not
+        rows.append(("int8 weights (quantize_dynamic)", float("nan"), f"failed: {exc}"[:80]))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--length", type=int, default=1000, help="characters per timed call (batch 1)")
@@ -115,7 +191,11 @@ def main() -> None:
     c = model.config
     described = f"{c.num_layers}x{c.hidden_size} {c.cell.upper()}, embedding {c.embedding_dim}"
     precisions = ["fp32"] + (["fp16"] if fp16_weights_supported() else [])
-    samplers = {p: Sampler(model, tokenizer, precision=p) for p in precisions}
+    samplers = {p: Sampler(model, tokenizer, precision=p, engine="torch") for p in precisions}
+    if onnx_available is not None and onnx_available():  # the onnxruntime engine: one more column
+        samplers["onnxruntime"] = Sampler(model, tokenizer, precision="fp32", engine="onnxruntime")
+        precisions.append("onnxruntime")
+        graph = step_graph(model)
     options = dict(temperature=0.8, seed=1)
     filtered = dict(temperature=0.8, top_k=40, top_p=0.95, seed=1)
     rows: list[tuple[str, dict[str, float], str]] = []
@@ -141,13 +221,18 @@ def main() -> None:
                 args.batch * args.batch_length, f"{args.batch} samples as one batch")
 
     def steps_only(p, threads):
+        if p == "onnxruntime":
+            step = OnnxStepper(graph, c.cell == "lstm", threads=threads, one_thread_at_batch_1=False)
+        else:
+            step = functools.partial(model.step, precision=p)
+
         def run() -> None:
             before = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
                 state, ids = model.init_state(1), torch.tensor([1])
                 for _ in range(args.length):
-                    _, state = model.step(ids, state, precision=p)
+                    _, state = step(ids, state)
             finally:
                 torch.set_num_threads(before)
         return run
@@ -179,17 +264,29 @@ def main() -> None:
           f"{len(PROMPT)}-character prompt; fp16 = fp16 copies of the recurrent weights, fp32 arithmetic")
     print()
     width = max(len(r[0]) for r in rows)
-    print(f"| {'path':<{width}} | fp32 chars/s | fp16 weights chars/s | bf16 | note |")
-    print(f"|{'-' * (width + 2)}|-------------:|---------------------:|------|------|")
+    print(f"| {'path':<{width}} | fp32 chars/s | fp16 weights chars/s | onnxruntime chars/s | bf16 | note |")
+    print(f"|{'-' * (width + 2)}|-------------:|---------------------:|--------------------:|------|------|")
     for name, rates, note in rows:
         fp16 = f"{rates['fp16']:,.0f}" if "fp16" in rates else "-"
-        print(f"| {name:<{width}} | {rates['fp32']:>12,.0f} | {fp16:>20} | n/a | {note} |")
+        onnx = f"{rates['onnxruntime']:,.0f}" if "onnxruntime" in rates else "-"
+        print(f"| {name:<{width}} | {rates['fp32']:>12,.0f} | {fp16:>20} | {onnx:>19} | n/a | {note} |")
     print()
     print(f"bf16: {bf16}")
     for issue, goal in GOALS.items():
         for p in precisions:
             verdict = "met" if stream[p] >= goal else "NOT met"
             print(f"goal ({issue}): >= {goal:,} chars/s streamed at batch 1, {p}: {verdict} ({stream[p]:,.0f})")
+    if "onnxruntime" in stream:
+        best_torch = max(stream[p] for p in precisions if p != "onnxruntime")
+        ratio = stream["onnxruntime"] / best_torch
+        print(f"goal (issue 14): onnxruntime >= 1.5x the best torch path at batch 1: "
+              f"{'met' if ratio >= 1.5 else 'NOT met'} ({ratio:.2f}x)")
+        if not args.quick:
+            print()
+            print("| onnxruntime step alone, batch 1 | steps/s | note |")
+            print("|---|---:|---|")
+            for name, rate, note in ort_experiments(model, args.length, args.repeats):
+                print(f"| {name} | {rate:,.0f} | {note} |")
 
 
 if __name__ == "__main__":

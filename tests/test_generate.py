@@ -134,7 +134,7 @@ def test_num_samples_prints_separated_samples(cli, run_dir):
 def test_stop_ends_the_sample_with_the_stop_string(cli, run_dir):
     result = cli("generate", "-c", run_dir, "-p", "to", "-n", 500, "--seed", 1, "--stop", "e", "--stop", "o")
     assert result.code == 0
-    text = result.out[len("to"):-1]  # the prompt, and the final newline
+    text = result.out[len("to"):]  # after the prompt; no newline after the stop string
     assert text[-1] in "eo" and "e" not in text[:-1] and "o" not in text[:-1]
 
 
@@ -287,3 +287,49 @@ def test_evaluate_bad_input(cli, run_dir, tmp_path):
 def test_metrics_rows_are_what_evaluate_compares_against(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["kind"] == "eval" and rows[-1]["step"] == 30
+
+
+# ---------------------------------------------------------------- flag conflicts, stop endings, engines, --version
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--interactive", "--num-samples", "3"], ["--interactive", "--num-samples"]),
+    (["--interactive", "--prompt", "to be"], ["--interactive", "--prompt"]),
+    (["--prompt", "-", "--interactive"], ["--interactive", "--prompt"]),
+    (["--interactive", "--prompt-file", "p.txt"], ["--interactive", "--prompt-file"]),
+])
+def test_conflicting_generate_flags_are_refused(cli, run_dir, args, fragments):
+    result = cli("generate", "-c", run_dir, "-n", 5, *args, stdin="all\n")
+    assert_one_line_error(result, *fragments)
+    assert result.out == ""
+
+
+def test_the_unseen_character_message_speaks_cli(cli, run_dir):
+    result = cli("generate", "-c", run_dir, "-p", "QQ", "-n", 5)
+    assert_one_line_error(result, "pass --unknown skip to drop them")
+    assert "unknown='skip'" not in result.err
+
+
+def test_a_newline_stop_string_is_kept_and_no_more(cli, run_dir):
+    for extra in ([], ["--no-stream"], ["--num-samples", "2"]):
+        result = cli("generate", "-c", run_dir, "-p", "to", "-n", 2000, "--seed", 1, "--stop", "\n\n",
+                     "--temperature", "1.5", *extra)
+        assert result.code == 0
+        assert result.out.endswith("\n\n") and not result.out.endswith("\n\n\n"), repr(result.out[-20:])
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
+def test_generate_engines_give_the_same_text(cli, run_dir, engine):
+    pytest.importorskip("onnxruntime")
+    args = ("generate", "-c", run_dir, "-p", "to be", "-n", 60, "--seed", 3, "--precision", "fp32")
+    result = cli(*args, "--engine", engine)
+    assert result.code == 0, result.err
+    assert result.out == cli(*args, "--engine", "auto").out == cli(*args, "--engine", "torch").out
+
+
+def test_version_and_shell_completion(cli):
+    from textrnn import __version__
+
+    result = cli("--version")
+    assert result.code == 0 and result.out.strip() == f"textrnn {__version__}"
+    help_text = cli("--help").out
+    assert "--install-completion" in help_text and "--show-completion" in help_text

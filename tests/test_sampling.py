@@ -570,3 +570,32 @@ def test_trained_byte_model_streams_whole_characters(byte_run, monkeypatch):
         assert len(drawn) == 300 and text in (full, full[:-1])
         assert text == full or full.endswith("\ufffd")
         assert "\ufffd" not in text or any(b >= 0x80 for b in drawn)
+
+
+def test_a_held_sampler_follows_fused_adamw_steps():
+    """Fused AdamW writes the weights in place without bumping their versions; a held sampler still sees them."""
+    import copy
+
+    sampler = char_sampler("lstm", seed=3)
+    model = sampler.model  # eval mode throughout (no dropout here), as a sampler held by a training loop sees it
+    before = sampler.generate("ab", length=200, seed=1)  # builds the step cache
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ids = torch.randint(0, len(CHARS), (4, 16), generator=generator(0))
+    versions = [p._version for p in model.parameters()]
+    for _ in range(20):
+        logits, _ = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert [p._version for p in model.parameters()] == versions  # what hid the change before
+    fresh = Sampler(copy.deepcopy(model), sampler.tokenizer)
+    expected = fresh.generate("ab", length=200, seed=1)
+    assert expected != before
+    assert sampler.generate("ab", length=200, seed=1) == expected
+
+
+def test_the_unseen_character_message_speaks_python():
+    with pytest.raises(InputError, match=r"pass unknown='skip' to drop them") as info:
+        char_sampler().generate("aQb", length=5)
+    assert "--unknown" not in str(info.value)

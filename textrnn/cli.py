@@ -48,8 +48,24 @@ class _App(typer.Typer):
 
 
 app = _App(help="Character-level RNN language models: preprocess text, train, generate, evaluate.",
-           context_settings={"help_option_names": ["-h", "--help"]}, add_completion=False,
+           context_settings={"help_option_names": ["-h", "--help"]}, add_completion=True,
            pretty_exceptions_enable=False, rich_markup_mode=None, no_args_is_help=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"textrnn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Character-level RNN language models: preprocess text, train, generate, evaluate, export."""
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -101,6 +117,16 @@ class SamplePrecision(str, Enum):
     auto = "auto"
     fp32 = "fp32"
     fp16 = "fp16"
+
+
+class Engine(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
 
 
 class Errors(str, Enum):
@@ -316,11 +342,26 @@ def generate(
         help="Sampling weights: auto is fp16 on x86 CPUs for models of 2M+ parameters (faster, logits "
              "within ~1e-3), fp32 otherwise.")
     ] = SamplePrecision.auto,
-    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Prompt loop: type a prompt, get text.")] = False,
+    engine: Annotated[Engine, typer.Option(
+        help="Per-token step: torch, onnxruntime (pip install 'textrnn[onnx]'), or auto: onnxruntime where "
+             "installed and faster here for this model and batch.")] = Engine.auto,
+    interactive: Annotated[bool, typer.Option(
+        "--interactive", "-i", help="Prompt loop: type a prompt, get one sample (not with --prompt, "
+                                    "--prompt-file or --num-samples).")] = False,
 ) -> None:
-    """Generate text from a trained run, streamed to stdout."""
-    from .sampling import Sampler
+    """Generate text from a trained run, streamed to stdout.
 
+    The output is the prompt followed by its continuation; a sample that ends at a --stop string
+    ends with it, and other samples end with a newline.
+    """
+    from .sampling import Sampler, UnknownCharactersError
+
+    if interactive:  # the prompts come from the terminal, one sample each
+        given = [flag for flag, used in (("--prompt", prompt is not None), ("--prompt-file", prompt_file is not None),
+                                         ("--num-samples", num_samples != 1)) if used]
+        if given:
+            _fail(f"--interactive reads each prompt from standard input and prints one sample; "
+                  f"it does not take {' or '.join(given)}")
     run_dir = checkpoint if checkpoint is not None else _run(_newest_run)
     for name, value in (("length", length), ("num-samples", num_samples)):
         if value < (0 if name == "length" else 1):
@@ -329,7 +370,11 @@ def generate(
 
     _run(_check_sampling_args, temperature, top_k, top_p, repetition_penalty)
     text = _run(_read_prompt, prompt, prompt_file)
-    sampler = _run(Sampler.from_checkpoint, run_dir, device.value, precision.value)
+    sampler = _run(Sampler.from_checkpoint, run_dir, device.value, precision.value, engine.value)
+    try:
+        sampler.encode_prompt(text, unknown.value)
+    except UnknownCharactersError as exc:
+        _fail(f"prompt: {exc.detail}; pass --unknown skip to drop them")
     if unknown == Unknown.skip and sampler.tokenizer.kind == "char":
         missing = sampler.tokenizer.unknown_chars(text)
         if missing:
@@ -345,23 +390,31 @@ def generate(
     _emit(sampler, text, options, num_samples, stream, out)
 
 
+def _ending(text: str, stops: list[str] | None) -> str:
+    """The newline after a sample, unless it ended at a stop string (kept as it is, and no more)."""
+    return "" if any(text.endswith(s) for s in stops or ()) else "\n"
+
+
 def _emit(sampler, prompt: str, options: dict, num_samples: int, stream: bool, out: _Output) -> None:
+    stops = options.get("stop")
     if num_samples == 1 and stream:
         pieces = _run(sampler.stream, prompt, **options)  # checks the prompt and settings, before any output
         first = _run(next, pieces, "")
         out.write(prompt + first)
+        tail = first[-64:]
         for piece in pieces:
             out.write(piece)
+            tail = (tail + piece)[-max([64] + [len(s) for s in stops or ()]):]
             if out.closed:
                 return
-        out.write("\n")
+        out.write(_ending(tail, stops))
         return
     samples = _run(sampler.generate, prompt, num_samples=num_samples, **options)
     samples = [samples] if isinstance(samples, str) else samples
     for index, sample in enumerate(samples):
         if num_samples > 1:
             out.write(f"{'-' * 20} sample {index + 1} of {num_samples} {'-' * 20}\n")
-        out.write(prompt + sample + "\n")
+        out.write(prompt + sample + _ending(sample, stops))
 
 
 def _interactive(sampler, options: dict, out: _Output) -> None:
@@ -373,15 +426,17 @@ def _interactive(sampler, options: dict, out: _Output) -> None:
         except (EOFError, KeyboardInterrupt):
             print(file=sys.stderr)
             return
+        text = ""
         try:
             for piece in sampler.stream(line, **options):
                 out.write(piece)
+                text += piece
         except TextRNNError as exc:
             print(f"error: {exc}", file=sys.stderr)
             continue
         except KeyboardInterrupt:
             pass
-        out.write("\n")
+        out.write(_ending(text, options.get("stop")))
 
 
 # ---------------------------------------------------------------- evaluate, info, download
@@ -497,6 +552,21 @@ def download(
     if bar is not None:
         bar.close()
     print(path)
+
+
+# ---------------------------------------------------------------- export
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (new, empty, or a previous export).")],
+    format: Annotated[ExportFormat, typer.Option("--format", help="Export format.")] = ExportFormat.onnx,
+) -> None:
+    """Export a run's one-token step (model.onnx), tokenizer and config, checked against PyTorch."""
+    from .export import export_run
+
+    path = _run(export_run, run_dir, out, format.value)
+    print(f"{path}: model.onnx, tokenizer and config.json (checked with onnxruntime)")
 
 
 def main() -> None:

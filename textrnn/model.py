@@ -14,12 +14,24 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .config import ModelConfig
 
 State = tuple[torch.Tensor, ...]  # LSTM: (h, c); GRU and RNN: (h,), each [num_layers, B, hidden]
 
 _RNN_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+# Optimizer steps so far, in this process. A fused optimizer (AdamW(fused=True), the trainer's)
+# writes parameters in place without bumping their ``_version``, so the step cache's key counts
+# every optimizer step too: a Sampler held across training then sees the new weights.
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 _GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
@@ -92,6 +104,12 @@ class RNNLanguageModel(nn.Module):
         self._step_cache = None
         return super().train(mode)
 
+    def weights_key(self, params: list[torch.Tensor] | None = None) -> tuple:
+        """A key that changes whenever the weights may have: a load, ``.to()``, an in-place write
+        or any optimizer step (fused ones included). Copies of the weights check it before use."""
+        params = list(self.parameters()) if params is None else params
+        return (_optimizer_steps[0],) + tuple((p.data_ptr(), p._version) for p in params)
+
     def _prepared(self, precision: str = "fp32") -> dict:
         """Weights laid out for ``step``; rebuilt whenever a parameter changes in place or moves.
 
@@ -106,12 +124,11 @@ class RNNLanguageModel(nn.Module):
         which is what bounds batch-1 sampling. Dropout is left out: ``step`` is for eval mode.
         """
         cache = self._step_cache
-        if cache is not None:  # a load, an optimizer step or .to() changes a pointer or a version
-            key = (precision,) + tuple((p.data_ptr(), p._version) for p in cache["params"])
-            if cache["key"] == key:
+        if cache is not None:  # a load, an optimizer step or .to() changes a pointer, a version or the count
+            if cache["key"] == (precision,) + self.weights_key(cache["params"]):
                 return cache
         params = list(self.parameters())  # (replacing a Parameter object needs .train() or .eval() to be seen)
-        key = (precision,) + tuple((p.data_ptr(), p._version) for p in params)
+        key = (precision,) + self.weights_key(params)
         if precision not in ("fp32", "fp16"):
             raise ValueError(f"step precision must be fp32 or fp16, got {precision!r}")
         cell, hidden = self.config.cell, self.config.hidden_size

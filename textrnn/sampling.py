@@ -15,6 +15,7 @@ import numbers
 import operator
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 
@@ -31,8 +32,19 @@ FP16_FROM_PARAMETERS = 2_000_000
 _DRAW_BLOCK = 1024  # uniform numbers drawn per generator call: one call per token would cost more than the draw
 
 
+ENGINES = ("auto", "torch", "onnxruntime")
+
+
 class SamplingError(TextRNNError, ValueError):
     """A sampling setting out of range (a ValueError too, for code that catches that)."""
+
+
+class UnknownCharactersError(InputError):
+    """Prompt characters outside a char vocabulary; ``detail`` names them, the message says what to do in Python."""
+
+    def __init__(self, detail: str):
+        self.detail = detail
+        super().__init__(f"prompt: {detail}; pass unknown='skip' to drop them")
 
 
 def _real(value) -> float | None:
@@ -218,14 +230,36 @@ class Sampler:
     On a CPU, one stream (batch 1) runs its steps on a single thread, whatever torch's setting:
     a matrix-vector product gains nothing from a second thread and stalls when another process
     keeps that core busy. The thread count is restored around every step.
+
+    ``engine`` runs the per-token step: ``"torch"`` (the model's own ``step``), ``"onnxruntime"``
+    (the step exported to ONNX, ``pip install 'textrnn[onnx]'``), or ``"auto"``: onnxruntime
+    where it is installed and, timed on this machine for this model and batch size, faster.
+    Both give the same text for a seed, to float rounding. The weights are read at each call,
+    so a sampler held across training follows them (any optimizer step, fused ones included).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device | str | None = None,
-                 config: dict | None = None, precision: str = "auto"):
+                 config: dict | None = None, precision: str = "auto", engine: str = "torch",
+                 run_dir: str | os.PathLike | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.config = config or {}
+        if engine not in ENGINES:
+            raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        if engine == "onnxruntime":
+            from .export import onnx_available
+
+            if not onnx_available():
+                raise ConfigError("engine onnxruntime needs the onnx extra: pip install 'textrnn[onnx]'")
+            if self.device.type != "cpu" or not hasattr(model, "rnn"):
+                raise ConfigError(f"engine onnxruntime runs textrnn models on the CPU; this is {self.device.type}")
+        self.engine = engine
+        self.engine_used: str | None = None  # the engine of the latest call (auto's choice)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self._run_weights_key = model.weights_key() if run_dir is not None and hasattr(model, "weights_key") else None
+        self._onnx: tuple | None = None  # (weights key, OnnxStepper)
+        self._auto_choice: dict[tuple, str] = {}
         if precision == "auto":  # fp16 pays once the weights outgrow the caches (BENCHMARKS.md)
             big = sum(p.numel() for p in model.parameters()) >= FP16_FROM_PARAMETERS
             precision = "fp16" if big and self.device.type == "cpu" and fp16_weights_supported() else "fp32"
@@ -237,7 +271,8 @@ class Sampler:
         self.precision = precision
 
     @classmethod
-    def from_checkpoint(cls, run_dir: str | os.PathLike, device: str = "auto", precision: str = "auto") -> "Sampler":
+    def from_checkpoint(cls, run_dir: str | os.PathLike, device: str = "auto", precision: str = "auto",
+                        engine: str = "auto") -> "Sampler":
         """A sampler for the best weights of a run directory.
 
         ``device="auto"`` picks cuda, then mps, then cpu. ``precision="auto"`` is fp16 on x86 CPUs
@@ -245,9 +280,12 @@ class Sampler:
         weights (accumulated in fp32) make a large model's sampling about 1.5x faster at batch 1,
         with logits within about 1e-3 of fp32, so a seed gives slightly different text than
         under ``precision="fp32"`` (each is repeatable on its own).
+
+        ``engine`` is described on the class; onnxruntime's export of the step is cached in
+        ``RUN_DIR/onnx/`` and reused until the run's weights change.
         """
         run = load_run(run_dir, resolve_device(device))
-        return cls(run.model, run.tokenizer, run.device, run.config, precision)
+        return cls(run.model, run.tokenizer, run.device, run.config, precision, engine, run_dir=run_dir)
 
     def encode_prompt(self, prompt: str, unknown: str = "error") -> list[int]:
         """Prompt ids; characters outside a char vocabulary raise InputError (``unknown="skip"`` drops them)."""
@@ -258,7 +296,7 @@ class Sampler:
         try:
             return list(self.tokenizer.encode(prompt, unknown=unknown))
         except InputError as exc:
-            raise InputError(f"prompt: {exc}; pass unknown='skip' (--unknown skip) to drop them") from None
+            raise UnknownCharactersError(str(exc)) from None
 
     def generate(self, prompt: str = "", length: int = 500, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, num_samples: int = 1,
@@ -362,8 +400,7 @@ class Sampler:
                 if ids:
                     seen[:, torch.tensor(ids, device=device)] = True
             # the weights as they are now, for the whole sample (skips a check per token)
-            stepper = getattr(model, "stepper", None)
-            step = stepper(precision) if stepper else functools.partial(model.step, precision=precision)
+            step = self._step_function(num_samples, state)
         for position in range(length):
             column = position % block
             with torch.inference_mode():
@@ -409,6 +446,53 @@ class Sampler:
                     piece, done[index] = _cut_at_stop(tails[index], piece, stops)
                 if piece:
                     yield index, piece
+
+
+    def _torch_step(self):
+        stepper = getattr(self.model, "stepper", None)
+        return stepper(self.precision) if stepper else functools.partial(self.model.step, precision=self.precision)
+
+    def _onnx_step(self):
+        """The onnxruntime step for the weights as they are now (re-exported when they change)."""
+        from .export import OnnxStepper, _checked_graph, cached_step_graph
+
+        key = self.model.weights_key()
+        if self._onnx is None or self._onnx[0] != key:
+            if self.run_dir is not None and key == self._run_weights_key:  # still the run's saved weights
+                graph = cached_step_graph(self.run_dir, self.model, self.tokenizer)
+            else:
+                graph = _checked_graph(self.model)
+            self._onnx = (key, OnnxStepper(graph, self.model.config.cell == "lstm"))
+        return self._onnx[1]
+
+    def _step_function(self, num_samples: int, state: tuple):
+        """The step of the engine for this call; ``auto`` times both once per batch size and weights."""
+        engine = self.engine
+        if engine == "auto":
+            engine = "torch"
+            if self.device.type == "cpu" and hasattr(self.model, "weights_key"):
+                from .export import onnx_available
+
+                if onnx_available():
+                    engine = self._auto_engine(num_samples, state)
+        self.engine_used = engine
+        return self._onnx_step() if engine == "onnxruntime" else self._torch_step()
+
+    def _auto_engine(self, num_samples: int, state: tuple) -> str:
+        from .export import time_steps
+
+        key = (num_samples, self.precision) + self.model.weights_key()
+        if key not in self._auto_choice:
+            threads = torch.get_num_threads()
+            if num_samples == 1:  # as sampling runs them
+                torch.set_num_threads(1)
+            try:
+                seconds = {"torch": time_steps(self._torch_step(), state, num_samples),
+                           "onnxruntime": time_steps(self._onnx_step(), state, num_samples)}
+            finally:
+                torch.set_num_threads(threads)
+            self._auto_choice[key] = min(seconds, key=seconds.get)
+        return self._auto_choice[key]
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,0 +1,334 @@
+"""ONNX export of the one-token step, checked with onnxruntime, and the onnxruntime step engine.
+
+The graph is written node by node from the weights (no tracing): the same layout as
+``RNNLanguageModel._prepared`` (layer 0's input projection as a table, one Gemm per layer,
+the tied head's projection folded in), so ONNX Runtime runs a dozen small ops per layer.
+Its names are a contract (DESIGN.md): inputs ``ids`` int64 [B], ``h`` float32
+[layers, B, hidden] (+ ``c`` for an LSTM); outputs ``logits`` [B, vocab], ``h_out`` (+ ``c_out``).
+``onnx`` and ``onnxruntime`` are optional (``pip install 'textrnn[onnx]'``) and imported here only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, read_json, run_config, staging_directory, write_json,
+                         check_format)
+from .errors import ConfigError, InputError, TextRNNError
+
+EXPORT_FORMAT = "textrnn-onnx"
+EXPORT_VERSION = 1
+ONNX_FILE = "model.onnx"
+FORMATS = ("onnx",)
+OPSET = 17
+TOLERANCE = 1e-4  # the largest logit difference from PyTorch an export may have
+CACHE_DIR = "onnx"  # the sampling engine's export, beside the run's weights
+EXPORT_FILES = {ONNX_FILE, CONFIG_FILE, "tokenizer.json", "tokenizer.model"}
+
+
+class ExportError(TextRNNError):
+    """An export that cannot be made or does not match PyTorch (exit code 1)."""
+
+    exit_code = 1
+
+
+def onnx_available() -> bool:
+    """Whether ``onnx`` and ``onnxruntime`` can be imported (the ``textrnn[onnx]`` extra)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _require_onnx() -> None:
+    if not onnx_available():
+        raise ConfigError("ONNX export needs the onnx extra: pip install 'textrnn[onnx]'")
+
+
+# ---------------------------------------------------------------- the graph
+
+class _Graph:
+    """A small builder: initializers from arrays, nodes with generated output names."""
+
+    def __init__(self):
+        from onnx import helper
+
+        self.helper, self.nodes, self.initializers, self._count = helper, [], [], 0
+
+    def const(self, name: str, array) -> str:
+        from onnx import numpy_helper
+
+        array = array.detach().float().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+        self.initializers.append(numpy_helper.from_array(np.array(array, order="C"), name))
+        return name
+
+    def op(self, kind: str, *inputs: str, outputs: int = 1, name: str | None = None, **attributes) -> str | list[str]:
+        self._count += 1
+        names = [name] if name else [f"{kind.lower()}_{self._count}_{n}" for n in range(outputs)]
+        self.nodes.append(self.helper.make_node(kind, list(inputs), names, **attributes))
+        return names[0] if outputs == 1 else names
+
+
+def step_graph(model: nn.Module) -> bytes:
+    """The serialized ONNX model of one token step of ``model`` (fp32, any batch size)."""
+    _require_onnx()
+    from onnx import TensorProto, helper
+
+    config = model.config
+    cell, hidden, layers = config.cell, config.hidden_size, config.num_layers
+    rnn = model.rnn
+    g = _Graph()
+
+    def reorder(rows: torch.Tensor) -> torch.Tensor:  # LSTM gates (i, f, g, o) -> (i, f, o, g)
+        if cell != "lstm":
+            return rows
+        i, f, gg, o = rows.split(hidden, dim=0)
+        return torch.cat([i, f, o, gg])
+
+    zero = g.const("axis0", np.array([0], dtype=np.int64))
+    outputs_h, outputs_c = [], []
+    x = None  # the output of the layer below, (B, H)
+    with torch.no_grad():
+        for k in range(layers):
+            w_ih, w_hh = getattr(rnn, f"weight_ih_l{k}"), getattr(rnn, f"weight_hh_l{k}")
+            b_ih, b_hh = getattr(rnn, f"bias_ih_l{k}"), getattr(rnn, f"bias_hh_l{k}")
+            h = g.op("Gather", "h", g.const(f"layer{k}", np.array(k, dtype=np.int64)), axis=0)  # (B, H)
+            if cell == "gru":
+                rz, n = slice(0, 2 * hidden), slice(2 * hidden, 3 * hidden)
+                if k == 0:
+                    table = torch.nn.functional.linear(model.embedding.weight, w_ih, b_ih)  # (V, 3H)
+                    below_rz = g.op("Gather", g.const("table0_rz", table[:, rz] + b_hh[rz]), "ids", axis=0)
+                    gates_rz = g.op("Gemm", h, g.const("w_hh0_rz", w_hh[rz]), below_rz, transB=1)
+                    n_below = g.op("Gather", g.const("table0_n", table[:, n]), "ids", axis=0)
+                else:
+                    both = g.op("Concat", x, h, axis=1)
+                    gates_rz = g.op("Gemm", both, g.const(f"w{k}_rz", torch.cat([w_ih[rz], w_hh[rz]], 1)),
+                                    g.const(f"b{k}_rz", b_ih[rz] + b_hh[rz]), transB=1)
+                    n_below = g.op("Gemm", x, g.const(f"w_ih{k}_n", w_ih[n]), g.const(f"b_ih{k}_n", b_ih[n]),
+                                   transB=1)
+                r, z = g.op("Split", g.op("Sigmoid", gates_rz), axis=1, outputs=2)
+                h_n = g.op("Gemm", h, g.const(f"w_hh{k}_n", w_hh[n]), g.const(f"b_hh{k}_n", b_hh[n]), transB=1)
+                new = g.op("Tanh", g.op("Add", n_below, g.op("Mul", r, h_n)))
+                x = g.op("Add", new, g.op("Mul", z, g.op("Sub", h, new)))  # (1 - z) * n + z * h
+            else:
+                if k == 0:
+                    table = reorder(torch.nn.functional.linear(model.embedding.weight, w_ih, b_ih + b_hh).t()).t()
+                    below = g.op("Gather", g.const("table0", table), "ids", axis=0)  # (B, gates*H)
+                    gates = g.op("Gemm", h, g.const("w_hh0", reorder(w_hh)), below, transB=1)
+                else:
+                    both = g.op("Concat", x, h, axis=1)
+                    gates = g.op("Gemm", both, g.const(f"w{k}", reorder(torch.cat([w_ih, w_hh], 1))),
+                                 g.const(f"b{k}", reorder(b_ih + b_hh)), transB=1)
+                if cell == "lstm":
+                    c = g.op("Gather", "c", g.const(f"layer{k}_c", np.array(k, dtype=np.int64)), axis=0)
+                    sizes = g.const(f"sizes{k}", np.array([3 * hidden, hidden], dtype=np.int64))
+                    ifo, cand = g.op("Split", gates, sizes, axis=1, outputs=2)
+                    i, f, o = g.op("Split", g.op("Sigmoid", ifo), axis=1, outputs=3)
+                    c = g.op("Add", g.op("Mul", f, c), g.op("Mul", i, g.op("Tanh", cand)))
+                    x = g.op("Mul", o, g.op("Tanh", c))
+                    outputs_c.append(g.op("Unsqueeze", c, zero))
+                else:
+                    x = g.op("Tanh", gates)
+            outputs_h.append(g.op("Unsqueeze", x, zero))
+        head_w = model.head.weight
+        if not isinstance(model.projection, nn.Identity):
+            head_w = head_w @ model.projection.weight  # fold the projection: (V, H)
+        g.op("Gemm", x, g.const("head_w", head_w), g.const("head_b", model.head.bias), transB=1, name="logits")
+    g.op("Concat", *outputs_h, axis=0, name="h_out")
+    if cell == "lstm":
+        g.op("Concat", *outputs_c, axis=0, name="c_out")
+
+    vocab = config.vocab_size
+    state_shape = [layers, "batch", hidden]
+    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"]),
+              helper.make_tensor_value_info("h", TensorProto.FLOAT, state_shape)]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", vocab]),
+               helper.make_tensor_value_info("h_out", TensorProto.FLOAT, state_shape)]
+    if cell == "lstm":
+        inputs.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, state_shape))
+        outputs.append(helper.make_tensor_value_info("c_out", TensorProto.FLOAT, state_shape))
+    graph = helper.make_graph(g.nodes, f"textrnn_{cell}_step", inputs, outputs, g.initializers)
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                                   producer_name="textrnn")
+    onnx_model.ir_version = min(onnx_model.ir_version, 8)  # readable by older runtimes too
+    return onnx_model.SerializeToString()
+
+
+# ---------------------------------------------------------------- running it
+
+def session(onnx_model: bytes | os.PathLike, threads: int = 1):
+    """An onnxruntime CPU session for a step graph, tuned for many tiny calls."""
+    _require_onnx()
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+class OnnxStepper:
+    """``model.step``'s signature over an onnxruntime session: ids [B] -> logits [B, V], new state.
+
+    The state may come in as torch tensors (from priming) or as the numpy arrays this returns.
+    Batch-1 calls run on a one-thread session, larger batches on one with ``threads`` threads.
+    """
+
+    def __init__(self, onnx_model: bytes | os.PathLike, lstm: bool, threads: int | None = None,
+                 one_thread_at_batch_1: bool = True):
+        self.onnx_model, self.lstm = onnx_model, lstm
+        self.threads = threads or torch.get_num_threads()
+        self.one_thread_at_batch_1 = one_thread_at_batch_1
+        self._sessions: dict[int, object] = {}
+
+    def _session(self, batch: int):
+        threads = 1 if batch == 1 and self.one_thread_at_batch_1 else self.threads
+        if threads not in self._sessions:
+            self._sessions[threads] = session(self.onnx_model, threads)
+        return self._sessions[threads]
+
+    def __call__(self, ids, state):
+        ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
+        feeds = {"ids": ids, "h": _array(state[0])}
+        if self.lstm:
+            feeds["c"] = _array(state[1])
+        outputs = self._session(ids.shape[0]).run(None, feeds)
+        return torch.from_numpy(outputs[0]), tuple(outputs[1:])
+
+
+def _array(value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().float().cpu().contiguous().numpy()
+    return value
+
+
+def check_export(model: nn.Module, onnx_model: bytes | os.PathLike, steps: int = 8, batch: int = 3,
+                 seed: int = 0) -> float:
+    """The largest logit difference between onnxruntime and PyTorch over a random id sequence, state carried."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, steps), generator=generator)
+    was_training = model.training
+    if was_training:
+        model.eval()
+    try:
+        with torch.inference_mode():
+            expected, _ = model(ids)  # (B, T, V), the fused RNN over the whole sequence
+    finally:
+        if was_training:
+            model.train()
+    stepper = OnnxStepper(onnx_model, model.config.cell == "lstm", threads=1)
+    state = tuple(s.numpy() for s in model.init_state(batch, "cpu"))
+    worst = 0.0
+    for t in range(steps):
+        logits, state = stepper(ids[:, t], state)
+        worst = max(worst, float((logits - expected[:, t].float().cpu()).abs().max()))
+    return worst
+
+
+def _checked_graph(model: nn.Module) -> bytes:
+    graph = step_graph(model)
+    worst = check_export(model, graph)
+    if not worst <= TOLERANCE:  # NaN fails too
+        raise ExportError(f"the ONNX step's logits differ from PyTorch's by {worst:.3g} (more than {TOLERANCE:g})")
+    return graph
+
+
+# ---------------------------------------------------------------- export a run
+
+def _export_metadata(model: nn.Module, tokenizer, weights_sha256: str | None) -> dict:
+    cell = model.config.cell
+    data = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "model": model.config.to_dict(),
+            "tokenizer": tokenizer.to_dict(), "unk_id": getattr(tokenizer, "unk_id", None),
+            "inputs": ["ids", "h"] + (["c"] if cell == "lstm" else []),
+            "outputs": ["logits", "h_out"] + (["c_out"] if cell == "lstm" else [])}
+    if weights_sha256:
+        data["weights_sha256"] = weights_sha256
+    return data
+
+
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str = "onnx") -> Path:
+    """Export a run's best weights to ``out``: model.onnx, the tokenizer files and config.json.
+
+    The export is checked against PyTorch with onnxruntime before ``out`` appears; on any
+    failure nothing is left behind. ``out`` may be new, empty, or a previous export.
+    """
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    run_dir, out = Path(run_dir), Path(out)
+    run_config(run_dir)  # not a run: a clear error before anything else
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"{out}: exists and is not a directory")
+        others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+        if others:
+            raise InputError(f"{out}: holds other files ({', '.join(others[:3])}); give a new or empty directory")
+    _require_onnx()
+    from .checkpoint import load_run
+    from .datasets import file_sha256
+
+    run = load_run(run_dir, "cpu")
+    graph = _checked_graph(run.model)
+    with staging_directory(out) as tmp:
+        _write_export(tmp, graph, run.model, run.tokenizer, file_sha256(run_dir / WEIGHTS_FILE))
+    return out
+
+
+def _write_export(directory: Path, graph: bytes, model: nn.Module, tokenizer, weights_sha256: str | None) -> None:
+    from .checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(directory / ONNX_FILE, graph)
+    tokenizer.save(directory)
+    write_json(directory / CONFIG_FILE, _export_metadata(model, tokenizer, weights_sha256))
+
+
+def cached_step_graph(run_dir: str | os.PathLike, model: nn.Module, tokenizer) -> bytes | Path:
+    """The checked ONNX step of a run's best weights, from ``RUN_DIR/onnx/`` while the weights are unchanged.
+
+    A missing or stale cache is rebuilt; a run directory that cannot be written gets the graph
+    in memory instead (no error: the cache only saves time).
+    """
+    from .datasets import file_sha256
+
+    run_dir = Path(run_dir)
+    cache = run_dir / CACHE_DIR
+    sha = file_sha256(run_dir / WEIGHTS_FILE)
+    try:
+        meta = read_json(cache / CONFIG_FILE, "ONNX export")
+        check_format(meta, EXPORT_FORMAT, cache / CONFIG_FILE)
+        if meta.get("weights_sha256") == sha and (cache / ONNX_FILE).is_file():
+            return cache / ONNX_FILE
+    except TextRNNError:
+        pass
+    graph = _checked_graph(model)
+    try:
+        with staging_directory(cache) as tmp:
+            _write_export(tmp, graph, model, tokenizer, sha)
+    except TextRNNError:
+        return graph
+    return cache / ONNX_FILE
+
+
+def time_steps(step, state, batch: int, steps: int = 24) -> float:
+    """Seconds per call of ``step`` (the best of three short timings) at ``batch``, from ``state``."""
+    ids = torch.zeros(batch, dtype=torch.int64)
+    best = float("inf")
+    with torch.inference_mode():
+        step(ids, state)  # warm up
+        for _ in range(3):
+            start, current = time.perf_counter(), state
+            for _ in range(steps // 3):
+                _, current = step(ids, current)
+            best = min(best, (time.perf_counter() - start) / (steps // 3))
+    return best
