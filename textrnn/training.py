@@ -632,7 +632,7 @@ def _make_plan(state: dict, config: TrainConfig, costs: Costs | None, elapsed: f
     eval_tokens = broadcast(eval_tokens, dist_info)
     every = eval_interval(config, plan)
     state.update(plan=plan, plan_cap=cap, plan_reason=broadcast(reason, dist_info), eval_every=every,
-                 next_eval=state["step"] + every, evaluations_planned=EVALUATIONS, eval_tokens=eval_tokens,
+                 next_eval=(state["step"] // every + 1) * every, evaluations_planned=EVALUATIONS, eval_tokens=eval_tokens,
                  limits=limits, costs=costs.__dict__ if costs else None)
     if costs:
         log(f"time budget {format_duration(config.max_time)}: {costs.step * 1000:.0f} ms a step, so a plan of "
