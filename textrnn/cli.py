@@ -525,12 +525,17 @@ def serve(
 
     Needs the serve extra: pip install 'textrnn[serve]'. Ctrl-C or SIGTERM stops it.
     """
+    import signal
+
     from .serving import serve as run_server
     from .serving.app import Limits
 
     limits = Limits(max_tokens, max_prompt_chars, max_body_bytes, max_n, max_streams)
-    _run(run_server, run_dirs, host, port, api_key or None, limits, device.value, chunk_ms / 1000,
-         log=lambda message: print(message, file=sys.stderr, flush=True))
+    stopped_by = _run(run_server, run_dirs, host, port, api_key or None, limits, device.value, chunk_ms / 1000,
+                      log=lambda message: print(message, file=sys.stderr, flush=True))
+    print("stopped", file=sys.stderr)
+    if stopped_by == signal.SIGINT:
+        sys.exit(130)  # after Ctrl-C, as every command
 
 
 def main() -> None:

@@ -7,8 +7,11 @@ Needs the ``serve`` extra: ``pip install 'textrnn[serve]'``.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -44,8 +47,11 @@ def load_samplers(run_dirs: Sequence[str | os.PathLike], device: str = "auto", p
 
 def serve(run_dirs: Sequence[str | os.PathLike], host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, limits=None, device: str = "auto", chunk_seconds: float = 0.05,
-          threads: int | None = None, log: Callable[[str], None] = lambda message: None) -> None:
-    """Serve the runs until Ctrl-C or SIGTERM; streams in flight then end with an error event."""
+          threads: int | None = None, log: Callable[[str], None] = lambda message: None) -> int | None:
+    """Serve the runs until Ctrl-C or SIGTERM; streams in flight then end with an error event.
+
+    Returns the signal that stopped the server (None if it stopped by itself).
+    """
     try:
         import uvicorn
 
@@ -59,11 +65,29 @@ def serve(run_dirs: Sequence[str | os.PathLike], host: str = "127.0.0.1", port: 
             + ("" if api_key else "; anyone who can reach it can use it (set --api-key)"))
 
     class Server(uvicorn.Server):
+        stopped_by: int | None = None
+
         def handle_exit(self, sig, frame) -> None:  # end the streams first, so that connections can close
+            self.stopped_by = sig
             app.state.close()
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            """uvicorn's, without raising the signal again at the end: the caller decides the exit code."""
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
                             access_log=False)
     log(f"serving {', '.join(samplers)} on http://{host}:{port}/ (playground /, API /v1, docs /docs)")
-    Server(config).run()
+    server = Server(config)
+    server.run()
+    return server.stopped_by

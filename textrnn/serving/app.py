@@ -221,7 +221,8 @@ def _parse(raw: bytes) -> CompletionRequest:
         body = CompletionRequest.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = ".".join(str(part) for part in error["loc"]) or "body"
+        loc = error["loc"]  # (field, [union member], [list index]): name the field and the index
+        field = ".".join([str(loc[0])] + [str(part) for part in loc[1:] if isinstance(part, int)]) if loc else "body"
         raise ApiError(422, f"{field}: {error['msg']}", field) from None
     for key, neutral in NEUTRAL.items():
         if getattr(body, key) not in (neutral, None):
@@ -305,20 +306,17 @@ async def _events(head: dict, streams: list[Stream], outbox: asyncio.Queue) -> A
 
 
 async def _collect(request: Request, head: dict, streams: list[Stream], outbox: asyncio.Queue,
-                   prompt_tokens: int) -> JSONResponse:
-    """The whole response; a client that leaves early cancels its streams."""
-    texts = [[] for _ in streams]
+                   prompt_tokens: int) -> Response:
+    """The whole response; a client that leaves before it is ready cancels its streams."""
+    texts: list[list[str]] = [[] for _ in streams]
     reasons: list[str | None] = [None] * len(streams)
     tokens = 0
-    try:
+
+    async def gather() -> None:
+        nonlocal tokens
         left = len(streams)
         while left:
-            try:
-                index, event = await asyncio.wait_for(outbox.get(), 1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return JSONResponse({}, status_code=499)
-                continue
+            index, event = await outbox.get()
             if event.error is not None:
                 raise ApiError(503, event.error, None, "server_error")
             texts[index].append(event.text)
@@ -326,9 +324,22 @@ async def _collect(request: Request, head: dict, streams: list[Stream], outbox: 
                 reasons[index] = event.finish_reason
                 tokens += event.tokens
                 left -= 1
+
+    async def disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.create_task(gather()), asyncio.create_task(disconnect())
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for task in (work, watch):
+            task.cancel()
         for stream in streams:
             stream.cancelled = True
+    if not work.done() or work.cancelled():
+        return Response(status_code=499)  # nobody is there to read it
+    work.result()  # raises the ApiError of a stream that ended with an error
     choices = [{"text": "".join(t), "index": i, "logprobs": None, "finish_reason": reasons[i]}
                for i, t in enumerate(texts)]
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
