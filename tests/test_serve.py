@@ -358,39 +358,43 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_shutdown_ends_streams_with_an_error_event_and_releases_the_port(run_dir, sig):
-    port = _free_port()
+def test_sigterm_and_ctrl_c_end_streams_with_an_error_event_and_release_the_port(run_dir):
+    """Two real ``textrnn serve`` processes (started together, to share their start-up time)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TEXTRNN_API_KEY": ""}
-    process = subprocess.Popen([sys.executable, "-m", "textrnn", "serve", str(run_dir), "--port", str(port),
-                                "--max-tokens", "10000000", "--device", "cpu"],
-                               stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+    servers = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        port = _free_port()
+        servers[sig] = port, subprocess.Popen(
+            [sys.executable, "-m", "textrnn", "serve", str(run_dir), "--port", str(port), "--max-tokens", "10000000",
+             "--device", "cpu"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
     try:
-        base = f"http://127.0.0.1:{port}"
+        for sig, (port, process) in servers.items():
+            base = f"http://127.0.0.1:{port}"
 
-        def up() -> bool:
-            try:
-                return httpx.get(f"{base}/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
+            def up() -> bool:
+                try:
+                    return httpx.get(f"{base}/health", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
 
-        assert wait_for(up, timeout=60, every=0.1)
-        request = {"prompt": "to be", "max_tokens": 10_000_000, "stream": True}
-        with httpx.stream("POST", f"{base}/v1/completions", json=request, timeout=30) as response:
-            chunks = response.iter_bytes()
-            received = next(chunks)
-            process.send_signal(sig)
-            received += b"".join(chunks)  # ends: the server closes the stream
-        events = sse(received.decode())
-        assert events[-1] == "[DONE]" and "shutting down" in events[-2]["error"]["message"]
-        assert process.wait(timeout=20) == (130 if sig == signal.SIGINT else 0)  # as every command after Ctrl-C
+            assert wait_for(up, timeout=60, every=0.1)
+            request = {"prompt": "to be", "max_tokens": 10_000_000, "stream": True}
+            with httpx.stream("POST", f"{base}/v1/completions", json=request, timeout=30) as response:
+                chunks = response.iter_bytes()
+                received = next(chunks)
+                process.send_signal(sig)
+                received += b"".join(chunks)  # ends: the server closes the stream
+            events = sse(received.decode())
+            assert events[-1] == "[DONE]" and "shutting down" in events[-2]["error"]["message"]
+            assert process.wait(timeout=20) == (130 if sig == signal.SIGINT else 0)  # 130: as every command
+            assert "serving tiny on http://127.0.0.1" in process.stderr.read().decode()
+            with socket.socket() as again:  # the port is free again
+                again.bind(("127.0.0.1", port))
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert "serving tiny on http://127.0.0.1" in process.stderr.read().decode()
-    with socket.socket() as again:  # the port is free again
-        again.bind(("127.0.0.1", port))
+        for _, process in servers.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 # ---------------------------------------------------------------- the command and its safety defaults

@@ -518,7 +518,7 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body (larger: 413).", min=1)] = 65536,
     max_n: Annotated[int, typer.Option(help="Most completions per prompt (n).", min=1)] = 16,
     max_streams: Annotated[int, typer.Option(help="Streams at once, all requests (more: 429).", min=1)] = 64,
-    chunk_ms: Annotated[float, typer.Option(help="Send a stream's text at most this often (ms).", min=0)] = 50,
+    chunk_ms: Annotated[float, typer.Option(help="Send a stream's text at most this often (ms).", min=0)] = 20,
     device: Annotated[Device, typer.Option(help="Device.")] = Device.auto,
 ) -> None:
     """Serve runs over an OpenAI-compatible HTTP API (/v1/completions), with a playground at /.

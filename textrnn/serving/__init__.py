@@ -46,7 +46,7 @@ def load_samplers(run_dirs: Sequence[str | os.PathLike], device: str = "auto", p
 
 
 def serve(run_dirs: Sequence[str | os.PathLike], host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, limits=None, device: str = "auto", chunk_seconds: float = 0.05,
+          api_key: str | None = None, limits=None, device: str = "auto", chunk_seconds: float = 0.02,
           threads: int | None = None, log: Callable[[str], None] = lambda message: None) -> int | None:
     """Serve the runs until Ctrl-C or SIGTERM; streams in flight then end with an error event.
 

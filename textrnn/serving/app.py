@@ -86,7 +86,7 @@ def _error_body(message: str, param: str | None, kind: str) -> dict:
 
 
 def create_app(samplers: dict[str, Sampler], limits: Limits | None = None, api_key: str | None = None,
-               chunk_seconds: float = 0.05, threads: int | None = None) -> FastAPI:
+               chunk_seconds: float = 0.02, threads: int | None = None) -> FastAPI:
     """The app serving ``samplers`` by name; one batcher thread per model, stopped at shutdown."""
     limits = limits or Limits()
     slots = Slots(limits.max_streams)

@@ -12,6 +12,7 @@ HTTP lives in ``app.py``; the sampling rule itself is ``sampling._sample``.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import queue
 import threading
@@ -53,7 +54,8 @@ class Stream:
 
     The batcher thread writes; the event loop reads ``outbox`` (an asyncio queue). Text is held
     back and sent when ``chunk_seconds`` have passed since the last send, or at the end: one event
-    per token would cost the event loop more than sampling costs the batcher. The last
+    per token would cost the event loop more than sampling costs the batcher (at 32 streams on 2
+    cores, one event per token halves the chars/s; BENCHMARKS.md). The first text goes at once. The last
     ``len(longest stop) - 1`` characters are held back too, so that a stop string that is cut
     from the text was never sent.
     """
@@ -77,7 +79,7 @@ class Stream:
         self.keep = max((len(s) for s in settings.stop), default=0)
         self.recent = ""  # the last ``keep`` characters of the text, for stop strings across tokens
         self.pending = ""  # text made but not yet sent
-        self.last_send = 0.0
+        self.last_send = -math.inf  # the first text goes at once: chunking must not delay the first token
 
     def next_draw(self) -> float:
         """The next uniform number in (0, 1] of this stream's own generator."""
@@ -232,7 +234,6 @@ class Batcher:
             if stream.ids:
                 row[0, torch.tensor(stream.ids)] = True
             stream.decoder = _TextDecoder(self.sampler.tokenizer)
-            stream.last_send = time.monotonic()
             new_logits.append(first)
             new_states.append(primed)
             new_seen.append(row)
