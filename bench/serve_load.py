@@ -8,6 +8,7 @@ event or missing ``[DONE]``). All rows come from one run on one server, so their
 
     python bench/serve_load.py /tmp/serve-run                       # the table in BENCHMARKS.md
     python bench/serve_load.py /tmp/serve-run --seconds 5 --clients 1 32 --chunk-ms 0 20 50
+    python bench/serve_load.py /tmp/serve-run --seconds 5 --clients 1 32 --threads 1 2
     python bench/serve_load.py /tmp/serve-run --determinism 32       # seeded alone vs in a crowd
 
 The clients share the machine with the server: on 2 cores they take a real part of it, so the
@@ -133,10 +134,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(run_dir: str, chunk_ms: float, max_streams: int) -> tuple[subprocess.Popen, str]:
+def start_server(run_dir: str, chunk_ms: float, max_streams: int, threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "textrnn", "serve", run_dir, "--port", str(port),
-                                "--chunk-ms", str(chunk_ms), "--max-streams", str(max_streams)],
+                                "--chunk-ms", str(chunk_ms), "--max-streams", str(max_streams),
+                                "--threads", str(threads)],
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
     base = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -157,21 +159,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="time per client count")
     parser.add_argument("--max-tokens", type=int, default=500, help="tokens per completion")
     parser.add_argument("--chunk-ms", type=float, nargs="+", default=[20.0], help="server --chunk-ms values")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="server --threads values")
     parser.add_argument("--determinism", type=int, default=0, metavar="CROWD",
                         help="instead: compare 64 seeded completions alone and in crowds of CROWD")
     args = parser.parse_args()
 
     load = os.getloadavg()[0]
-    print(f"machine: {machine()}; load average {load:.2f} at start")
-    for chunk_ms in args.chunk_ms:
-        process, base = start_server(args.run_dir, chunk_ms, max(64, max(args.clients)))
+    print(f"machine: {machine().split(', ')[0]}, {os.cpu_count()} CPUs; load average {load:.2f} at start")
+    for chunk_ms, threads in [(c, t) for t in args.threads for c in args.chunk_ms]:
+        process, base = start_server(args.run_dir, chunk_ms, max(64, max(args.clients)), threads)
         try:
             if args.determinism:
                 differing, tokens, diverged = asyncio.run(determinism(base, args.determinism, 64, args.max_tokens))
                 print(f"seeded alone vs in a crowd of {args.determinism}: {differing} of 64 completions differ; "
                       f"{diverged} of {tokens} tokens come after a first difference")
                 continue
-            print(f"\nserver --chunk-ms {chunk_ms:g}, {args.seconds:g} s per row, completions of "
+            print(f"\nserver --chunk-ms {chunk_ms:g} --threads {threads}, {args.seconds:g} s per row, completions of "
                   f"{args.max_tokens} tokens\n")
             print("| clients | chars/s | x one client | TTFT p50 | TTFT p99 | gap p50 | gap p99 | requests | errors |")
             print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -428,7 +428,7 @@ def test_cli_passes_options_and_reads_the_key_from_the_environment(run_dir, monk
     result = invoke("serve", run_dir, "--port", "9001", "--max-streams", "8", "--max-n", "2")
     assert result.code == 0, result.stderr
     args, _ = calls[0]
-    assert args[1:4] == ("127.0.0.1", 9001, "from-env")
+    assert args[1:4] == ("127.0.0.1", 9001, "from-env") and args[7] == 1  # one sampling thread by default
     assert args[4] == Limits(max_streams=8, max_n=2)
     monkeypatch.delenv("TEXTRNN_API_KEY")
     assert invoke("serve", run_dir, "--api-key", "k").code == 0 and calls[1][0][3] == "k"

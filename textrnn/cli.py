@@ -519,6 +519,7 @@ def serve(
     max_n: Annotated[int, typer.Option(help="Most completions per prompt (n).", min=1)] = 16,
     max_streams: Annotated[int, typer.Option(help="Streams at once, all requests (more: 429).", min=1)] = 64,
     chunk_ms: Annotated[float, typer.Option(help="Send a stream's text at most this often (ms).", min=0)] = 20,
+    threads: Annotated[int, typer.Option(help="Torch threads for sampling (0: torch's default).", min=0)] = 1,
     device: Annotated[Device, typer.Option(help="Device.")] = Device.auto,
 ) -> None:
     """Serve runs over an OpenAI-compatible HTTP API (/v1/completions), with a playground at /.
@@ -532,7 +533,7 @@ def serve(
 
     limits = Limits(max_tokens, max_prompt_chars, max_body_bytes, max_n, max_streams)
     stopped_by = _run(run_server, run_dirs, host, port, api_key or None, limits, device.value, chunk_ms / 1000,
-                      log=lambda message: print(message, file=sys.stderr, flush=True))
+                      threads or None, log=lambda message: print(message, file=sys.stderr, flush=True))
     print("stopped", file=sys.stderr)
     if stopped_by == signal.SIGINT:
         sys.exit(130)  # after Ctrl-C, as every command

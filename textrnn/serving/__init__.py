@@ -47,9 +47,12 @@ def load_samplers(run_dirs: Sequence[str | os.PathLike], device: str = "auto", p
 
 def serve(run_dirs: Sequence[str | os.PathLike], host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, limits=None, device: str = "auto", chunk_seconds: float = 0.02,
-          threads: int | None = None, log: Callable[[str], None] = lambda message: None) -> int | None:
+          threads: int | None = 1, log: Callable[[str], None] = lambda message: None) -> int | None:
     """Serve the runs until Ctrl-C or SIGTERM; streams in flight then end with an error event.
 
+    ``threads`` is torch's thread count for sampling (None: torch's default). One is the default:
+    batches of a few dozen streams gain little from a second thread, whose spinning takes the core
+    that HTTP needs (32 clients on 2 cores: 1.8x the chars/s of 2 threads, BENCHMARKS.md).
     Returns the signal that stopped the server (None if it stopped by itself).
     """
     try:
