@@ -352,6 +352,29 @@ def test_a_slow_client_does_not_stall_the_others(endless_url):
     assert wait_for(lambda: active(endless_url) == 0, timeout=15)
 
 
+def test_a_failing_step_ends_its_streams_with_an_error_and_the_server_goes_on(run_dir):
+    sampler = Sampler.from_checkpoint(run_dir, "cpu")
+    real = sampler.model.stepper
+    failures = [RuntimeError("injected")]
+
+    def stepper(precision):
+        step = real(precision)
+
+        def flaky(ids, state):
+            if failures:
+                raise failures.pop()
+            return step(ids, state)
+        return flaky
+
+    sampler.model.stepper = stepper
+    app = create_app({"tiny": sampler})
+    with running(app) as base:
+        failed = post(base, {"prompt": "to be", "max_tokens": 50})
+        assert failed.status_code == 503 and "sampling failed: RuntimeError: injected" in failed.text
+        assert app.state.slots.used == 0
+        assert post(base, {"prompt": "to be", "max_tokens": 50}).status_code == 200
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

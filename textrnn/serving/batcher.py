@@ -69,6 +69,7 @@ class Stream:
         self.index = index  # the choice's index in its request
         self.chunk_seconds = chunk_seconds
         self.cancelled = False  # set by the reader; the batcher drops the stream at its next step
+        self.released = False  # its place in ``Slots`` is given back (once)
         self.generator = torch.Generator()
         seed = settings.seed if settings.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self.generator.manual_seed(seed)
@@ -132,9 +133,11 @@ class Slots:
                 raise Busy(f"{self.used} of {self.limit} concurrent streams are in use; {count} more asked for")
             self.used += count
 
-    def release(self, count: int = 1) -> None:
+    def release(self, stream: Stream) -> None:
         with self._lock:
-            self.used -= count
+            if not stream.released:
+                stream.released = True
+                self.used -= 1
 
 
 class Batcher:
@@ -181,14 +184,25 @@ class Batcher:
     def _run(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)
-        streams: list[Stream] = []
-        logits = torch.zeros(0, self.sampler.tokenizer.vocab_size)  # (B, V): the next token's logits per row
+        while not self._stopping:
+            streams: list[Stream] = []
+            try:
+                self._loop(streams)
+            except Exception as exc:  # noqa: BLE001 - a failed step ends its streams, never the server
+                self._finish_all(streams, f"sampling failed: {type(exc).__name__}: {exc}")
+        self._finish_all([], "the server is shutting down")
+
+    def _loop(self, streams: list[Stream]) -> None:
+        """Join, sample, step, send, until stopped; ``streams`` is the batch, in row order."""
+        vocab = self.sampler.tokenizer.vocab_size
+        logits = torch.zeros(0, vocab)  # (B, V): the next token's logits per row
         state: tuple[torch.Tensor, ...] = ()
-        seen = torch.zeros(0, self.sampler.tokenizer.vocab_size, dtype=torch.bool)  # (B, V): for the penalty
+        seen = torch.zeros(0, vocab, dtype=torch.bool)  # (B, V): ids so far, for the repetition penalty
         step = self.sampler.model.stepper(self.sampler.precision)
         while True:
             if self._stopping:
                 self._finish_all(streams, "the server is shutting down")
+                streams.clear()
                 return
             if not streams:
                 self._wake.wait(0.5)
@@ -201,15 +215,15 @@ class Batcher:
                 continue
             with torch.inference_mode():
                 keep, outgoing = self._sample_step(streams, logits, seen)
-                if len(keep) < len(streams):  # some streams finished: pack the batch
+                if len(keep) < len(streams):  # some streams finished: pack the rows
                     rows = torch.tensor(keep, dtype=torch.long)
-                    streams = [streams[i] for i in keep]
+                    streams[:] = [streams[i] for i in keep]
                     logits, seen = logits[rows], seen[rows]
                     state = tuple(s.index_select(1, rows) for s in state)
                 self.active = len(streams)
                 if streams:
                     ids = torch.tensor([s.last_id for s in streams], dtype=torch.long)
-                    logits, state = step(ids, state)
+                    logits, state = step(ids, state)  # (B, V), the new state: one step for every stream
                     self.steps += 1
             self._send(outgoing)
 
@@ -227,7 +241,7 @@ class Batcher:
         new_logits, new_states, new_seen = [], [], []
         for stream in joining:
             if stream.cancelled:
-                self.slots.release()
+                self.slots.release(stream)
                 continue
             first, primed = self.sampler._first_logits(stream.ids, 1)  # (1, V), state rows of batch 1
             row = torch.zeros(1, seen.shape[1], dtype=torch.bool)
@@ -261,7 +275,7 @@ class Batcher:
         keep, outgoing = [], []
         for row, (stream, token) in enumerate(zip(streams, next_ids.tolist())):
             if stream.cancelled:
-                self.slots.release()
+                self.slots.release(stream)
                 continue
             stream.tokens += 1
             stream.last_id = token
@@ -276,7 +290,7 @@ class Batcher:
             if event is not None:
                 outgoing.append((stream, event))
             if final is not None:
-                self.slots.release()
+                self.slots.release(stream)
             else:
                 keep.append(row)
         return keep, outgoing
@@ -327,9 +341,9 @@ class Batcher:
     def _finish_all(self, streams: list[Stream], message: str) -> None:
         outgoing = []
         for stream in streams + self._drain():
-            if not stream.cancelled:
+            if not stream.cancelled and not stream.released:
                 outgoing.append((stream, stream.outgoing(time.monotonic(), Event(error=message))))
-            self.slots.release()
+            self.slots.release(stream)
         self.active = 0
         self._send(outgoing)
 

@@ -88,7 +88,7 @@ async function generate() {
       }
     }
     const seconds = (performance.now() - started) / 1000;
-    status(`${chars} characters in ${seconds.toFixed(1)} s (${reason || "done"})`);
+    status(`${chars} characters in ${seconds.toFixed(1)} s (finish: ${reason || "done"})`);
   } catch (error) {
     if (error.name === "AbortError") status(`stopped after ${chars} characters`);
     else status(error.message, true);
