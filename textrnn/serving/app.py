@@ -29,7 +29,7 @@ from ..errors import InputError
 from ..sampling import Sampler
 from .batcher import Batcher, Busy, Event, Settings, Slots, Stream
 
-NEUTRAL = {"echo": False, "logprobs": None, "best_of": None, "suffix": None, "frequency_penalty": 0.0,
+NEUTRAL = {"echo": False, "logprobs": None, "best_of": 1, "suffix": None, "frequency_penalty": 0.0,
            "presence_penalty": 0.0, "logit_bias": None}  # accepted OpenAI fields, only at these values
 
 
