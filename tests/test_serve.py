@@ -307,7 +307,7 @@ def test_the_65th_stream_against_a_limit_of_64_gets_429_at_once(endless_url):
             return [extra.status_code, extra.json()["error"]["type"]], waited
 
     (status, kind), waited = asyncio.run(flood())
-    assert status == 429 and kind == "rate_limit_error" and waited < 2
+    assert status == 429 and kind == "rate_limit_error" and waited < 5  # at once: a queue would wait forever
     assert wait_for(lambda: active(endless_url) == 0)  # the 64 disconnected clients freed their rows
     assert post(endless_url, {"prompt": "to be", "max_tokens": 5}).status_code == 200
 
