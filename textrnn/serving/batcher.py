@@ -152,6 +152,7 @@ class Batcher:
         self.sampler = sampler
         self.slots = slots
         self.threads = threads
+        self.device = sampler.device
         tokenizer = sampler.tokenizer
         vocab = tokenizer.vocab_size
         unk = getattr(tokenizer, "unk_id", None)
@@ -195,9 +196,9 @@ class Batcher:
     def _loop(self, streams: list[Stream]) -> None:
         """Join, sample, step, send, until stopped; ``streams`` is the batch, in row order."""
         vocab = self.sampler.tokenizer.vocab_size
-        logits = torch.zeros(0, vocab)  # (B, V): the next token's logits per row
+        logits = torch.zeros(0, vocab, device=self.device)  # (B, V): the next token's logits per row
         state: tuple[torch.Tensor, ...] = ()
-        seen = torch.zeros(0, vocab, dtype=torch.bool)  # (B, V): ids so far, for the repetition penalty
+        seen = torch.zeros(0, vocab, dtype=torch.bool, device=self.device)  # (B, V): ids so far, for the penalty
         step = self.sampler.model.stepper(self.sampler.precision)
         while True:
             if self._stopping:
@@ -216,13 +217,13 @@ class Batcher:
             with torch.inference_mode():
                 keep, outgoing = self._sample_step(streams, logits, seen)
                 if len(keep) < len(streams):  # some streams finished: pack the rows
-                    rows = torch.tensor(keep, dtype=torch.long)
+                    rows = torch.tensor(keep, dtype=torch.long, device=self.device)
                     streams[:] = [streams[i] for i in keep]
                     logits, seen = logits[rows], seen[rows]
                     state = tuple(s.index_select(1, rows) for s in state)
                 self.active = len(streams)
                 if streams:
-                    ids = torch.tensor([s.last_id for s in streams], dtype=torch.long)
+                    ids = torch.tensor([s.last_id for s in streams], dtype=torch.long, device=self.device)
                     logits, state = step(ids, state)  # (B, V), the new state: one step for every stream
                     self.steps += 1
             self._send(outgoing)
@@ -243,15 +244,15 @@ class Batcher:
             if stream.cancelled:
                 self.slots.release(stream)
                 continue
+            streams.append(stream)  # first: should priming fail, the stream is told
             first, primed = self.sampler._first_logits(stream.ids, 1)  # (1, V), state rows of batch 1
-            row = torch.zeros(1, seen.shape[1], dtype=torch.bool)
+            row = torch.zeros(1, seen.shape[1], dtype=torch.bool, device=self.device)
             if stream.ids:
-                row[0, torch.tensor(stream.ids)] = True
+                row[0, torch.tensor(stream.ids, device=self.device)] = True
             stream.decoder = _TextDecoder(self.sampler.tokenizer)
             new_logits.append(first)
             new_states.append(primed)
             new_seen.append(row)
-            streams.append(stream)
         if not new_logits:
             return logits, state, seen
         logits = torch.cat([logits, *new_logits])
@@ -267,7 +268,7 @@ class Batcher:
         logits = logits[:, :self.allowed].float()  # (B, V')
         penalties = [x.repetition_penalty for x in settings]
         if any(p != 1.0 for p in penalties):
-            logits = _penalize(logits, seen[:, :self.allowed], torch.tensor(penalties)[:, None])
+            logits = _penalize(logits, seen[:, :self.allowed], torch.tensor(penalties, device=self.device)[:, None])
         logits = _make_safe(logits)
         next_ids = self._pick(streams, settings, logits)  # (B,)
         seen.scatter_(1, next_ids[:, None], True)
@@ -283,9 +284,8 @@ class Batcher:
             final = None
             if stopped:
                 final = Event(finish_reason="stop")
-            elif stream.tokens >= stream.settings.max_tokens:
-                stream.take(stream.decoder.flush())
-                final = Event(finish_reason="length")
+            elif stream.tokens >= stream.settings.max_tokens:  # the decoder's last whole characters may stop it too
+                final = Event(finish_reason="stop" if stream.take(stream.decoder.flush()) else "length")
             event = stream.outgoing(now, final)
             if event is not None:
                 outgoing.append((stream, event))
@@ -307,18 +307,20 @@ class Batcher:
             greedy = x.temperature < _GREEDY_BELOW
             key = (True, 0, 1.0) if greedy else (False, x.top_k, x.top_p)
             groups.setdefault(key, []).append(row)
+        device = logits.device
         draws = torch.tensor([[1.0 if x.temperature < _GREEDY_BELOW else s.next_draw()]
-                              for s, x in zip(streams, settings)])  # (B, 1)
-        temperatures = torch.tensor([[x.temperature if x.temperature >= _GREEDY_BELOW else 1.0] for x in settings])
+                              for s, x in zip(streams, settings)], device=device)  # (B, 1)
+        temperatures = torch.tensor([[x.temperature if x.temperature >= _GREEDY_BELOW else 1.0] for x in settings],
+                                    device=device)  # (B, 1)
         if len(groups) == 1:
             (greedy, top_k, top_p), = groups
             if greedy:
                 return logits.argmax(-1)
             scaled = logits / temperatures if bool((temperatures != 1.0).any()) else logits
             return _sample(scaled, 1.0, top_k, top_p, None, draws)
-        ids = torch.empty(len(settings), dtype=torch.long)
+        ids = torch.empty(len(settings), dtype=torch.long, device=device)
         for (greedy, top_k, top_p), rows in groups.items():
-            index = torch.tensor(rows)
+            index = torch.tensor(rows, device=device)
             part = logits[index]
             if greedy:
                 ids[index] = part.argmax(-1)
