@@ -13,8 +13,8 @@ LINES = ["to be or not to be, that is the question.", "a rose by any other name 
          "all the world is a stage.", "the lady doth protest too much, methinks."]
 
 
-def make_run(root: Path) -> Path:
-    """A tiny char-level run (1x32 LSTM, 20 steps) under ``root/runs/tiny``."""
+def make_run(root: Path, tokenizer: str = "char") -> Path:
+    """A tiny run (1x32 LSTM, 20 steps; a char model by default) under ``root/runs/tiny``."""
     from textrnn.config import ModelConfig, TrainConfig
     from textrnn.training import train
 
@@ -23,7 +23,7 @@ def make_run(root: Path) -> Path:
     result = train([root / "corpus.txt"], root / "runs" / "tiny",
                    ModelConfig(cell="lstm", num_layers=1, hidden_size=32, embedding_dim=16),
                    TrainConfig(max_steps=20, batch_size=8, seq_len=32, eval_every=20, lr=1e-2, warmup_steps=2,
-                               device="cpu"))
+                               device="cpu"), tokenizer=tokenizer)
     return result.run_dir
 
 

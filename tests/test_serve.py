@@ -139,6 +139,18 @@ def test_openai_client_completes_and_streams(url):
         client.completions.create(model="nope", prompt="to be", max_tokens=5)
 
 
+def test_a_byte_model_streams_whole_characters(tmp_path):
+    sampler = Sampler.from_checkpoint(make_run(tmp_path, "byte"), "cpu")
+    with running(create_app({"bytes": sampler}, chunk_seconds=0)) as base:
+        request = {"prompt": "caf\u00e9 \u65e5\u672c", "max_tokens": 300, "seed": 2, "temperature": 1.5}
+        whole = post(base, request).json()
+        assert whole["usage"]["prompt_tokens"] == len("caf\u00e9 \u65e5\u672c".encode())
+        events = sse(httpx.post(f"{base}/v1/completions", json={**request, "stream": True}, timeout=30).text)
+        pieces = [e["choices"][0]["text"] for e in events[:-1]]
+        assert "".join(pieces) == whole["choices"][0]["text"]
+        assert len(pieces) > 1 and whole["usage"]["completion_tokens"] == 300  # tokens are bytes, not characters
+
+
 def test_models_health_docs_and_openapi(url):
     models = httpx.get(f"{url}/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
