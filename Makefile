@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[dev,plot,onnx]'
+	$(BIN)/python -m pip install -q -e '.[dev,plot,onnx,serve]'
 	touch $(STAMP)
 
 # Train on the Python standard library's own source for about two minutes, then write some Python.

@@ -569,5 +569,42 @@ def export(
     print(f"{path}: model.onnx, tokenizer and config.json (checked with onnxruntime)")
 
 
+# ---------------------------------------------------------------- serve
+
+@app.command()
+def serve(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories; each is served under its name.",
+                                                   show_default=False)],
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.", min=0, max=65535)] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(
+        help="Require 'Authorization: Bearer KEY' on /v1/* (or set TEXTRNN_API_KEY).",
+        envvar="TEXTRNN_API_KEY", show_envvar=False)] = None,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens per completion.", min=1)] = 2000,
+    max_prompt_chars: Annotated[int, typer.Option(help="Most characters per prompt.", min=0)] = 8000,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body (larger: 413).", min=1)] = 65536,
+    max_n: Annotated[int, typer.Option(help="Most completions per prompt (n).", min=1)] = 16,
+    max_streams: Annotated[int, typer.Option(help="Streams at once, all requests (more: 429).", min=1)] = 64,
+    chunk_ms: Annotated[float, typer.Option(help="Send a stream's text at most this often (ms).", min=0)] = 20,
+    threads: Annotated[int, typer.Option(help="Torch threads for sampling (0: torch's default).", min=0)] = 1,
+    device: Annotated[Device, typer.Option(help="Device.")] = Device.auto,
+) -> None:
+    """Serve runs over an OpenAI-compatible HTTP API (/v1/completions), with a playground at /.
+
+    Needs the serve extra: pip install 'textrnn[serve]'. Ctrl-C or SIGTERM stops it.
+    """
+    import signal
+
+    from .serving import serve as run_server
+    from .serving.app import Limits
+
+    limits = Limits(max_tokens, max_prompt_chars, max_body_bytes, max_n, max_streams)
+    stopped_by = _run(run_server, run_dirs, host, port, api_key or None, limits, device.value, chunk_ms / 1000,
+                      threads or None, log=lambda message: print(message, file=sys.stderr, flush=True))
+    print("stopped", file=sys.stderr)
+    if stopped_by == signal.SIGINT:
+        sys.exit(130)  # after Ctrl-C, as every command
+
+
 def main() -> None:
     app()
