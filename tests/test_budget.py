@@ -156,7 +156,7 @@ def test_budget_is_wall_time_for_the_whole_process(tmp_path, data_dir):
     assert done.returncode == 0, done.stderr
     assert 10.0 * 0.7 < wall < 10.0 + 5.0, (wall, done.stderr)
     state = _state(tmp_path / "run")
-    assert state["status"] == "finished" and state["elapsed"] <= 10.0 * 1.05
+    assert state["status"] == "finished" and state["elapsed"] <= 10.0 + 5.0  # the promise: +5% or 5 s
     assert len(_rows(tmp_path / "run", "eval")) >= 10
     assert "done:" in done.stderr and "step" in done.stderr  # plain progress lines, not a bar
     assert sum("val loss" in line for line in done.stderr.splitlines()) >= 10

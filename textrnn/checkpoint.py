@@ -181,6 +181,21 @@ def model_tensors(model) -> dict:
     return state
 
 
+def weights_file(run_dir: str | os.PathLike, weights: str = "best") -> Path:
+    """The weights file a run is loaded from: ``best`` (model.safetensors) or ``last`` (last/).
+
+    A run killed before its first evaluation has no best weights yet; its latest saved ones are
+    the best there are, so ``best`` falls back to them.
+    """
+    run_dir = Path(run_dir)
+    if weights == "last":
+        return last_dir(run_dir) / WEIGHTS_FILE
+    best = run_dir / WEIGHTS_FILE
+    if not best.exists() and (run_dir / LAST_DIR / WEIGHTS_FILE).is_file():
+        return run_dir / LAST_DIR / WEIGHTS_FILE
+    return best
+
+
 def load_run(run_dir: str | os.PathLike, device=None, weights: str = "best") -> Run:
     """Load a run directory for inference: config, tokenizer and weights (``best`` or ``last``)."""
     import torch
@@ -200,12 +215,10 @@ def load_run(run_dir: str | os.PathLike, device=None, weights: str = "best") -> 
     if model_config.vocab_size != tokenizer.vocab_size:
         raise CheckpointError(f"{run_dir}: the model's vocabulary ({model_config.vocab_size}) does not match "
                               f"the tokenizer's ({tokenizer.vocab_size})")
-    path = run_dir / WEIGHTS_FILE if weights == "best" else last_dir(run_dir) / WEIGHTS_FILE
-    if weights == "best" and not path.exists() and (run_dir / LAST_DIR / WEIGHTS_FILE).is_file():
-        # a run killed before its first evaluation: its latest weights are the best there are
+    path = weights_file(run_dir, weights)
+    if weights == "best" and path != run_dir / WEIGHTS_FILE:
         import warnings
 
-        path = run_dir / LAST_DIR / WEIGHTS_FILE
         warnings.warn(f"{run_dir}: no evaluated weights yet; using {LAST_DIR}/ (the weights at the last save)",
                       stacklevel=2)
     tensors = load_tensors(path)

@@ -275,13 +275,13 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str =
         if others:
             raise InputError(f"{out}: holds other files ({', '.join(others[:3])}); give a new or empty directory")
     _require_onnx()
-    from .checkpoint import load_run
-    from .datasets import file_sha256
+    from .checkpoint import load_run, weights_file
+    from .fileio import file_sha256
 
     run = load_run(run_dir, "cpu")
     graph = _checked_graph(run.model)
     with staging_directory(out) as tmp:
-        _write_export(tmp, graph, run.model, run.tokenizer, file_sha256(run_dir / WEIGHTS_FILE))
+        _write_export(tmp, graph, run.model, run.tokenizer, file_sha256(weights_file(run_dir)))
     return out
 
 
@@ -299,11 +299,12 @@ def cached_step_graph(run_dir: str | os.PathLike, model: nn.Module, tokenizer) -
     A missing or stale cache is rebuilt; a run directory that cannot be written gets the graph
     in memory instead (no error: the cache only saves time).
     """
-    from .datasets import file_sha256
+    from .checkpoint import weights_file
+    from .fileio import file_sha256
 
     run_dir = Path(run_dir)
     cache = run_dir / CACHE_DIR
-    sha = file_sha256(run_dir / WEIGHTS_FILE)
+    sha = file_sha256(weights_file(run_dir))
     try:
         meta = read_json(cache / CONFIG_FILE, "ONNX export")
         check_format(meta, EXPORT_FORMAT, cache / CONFIG_FILE)
