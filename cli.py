@@ -1,4 +1,4 @@
 """Run the textrnn command line from a checkout: ``python cli.py train corpus.txt``."""
-from textrnn.cli import app
+from textrnn.cli import main
 
-app(prog_name="textrnn")
+main()

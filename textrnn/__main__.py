@@ -1,6 +1,6 @@
 """``python -m textrnn`` (and so ``torchrun -m textrnn train ...``)."""
 
-from .cli import app
+from .cli import main
 
 if __name__ == "__main__":
-    app(prog_name="textrnn")
+    main()

@@ -68,6 +68,9 @@ def _main(
     """Character-level RNN language models: preprocess text, train, generate, evaluate, export."""
 
 
+_PROCESS_START: float | None = None  # set by main(): the app run as its own process, not called in-process
+
+
 def _fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
@@ -220,10 +223,9 @@ def train(
     errors: Annotated[Optional[Errors], typer.Option(help="Invalid UTF-8: strict or replace [default: strict].")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory.")] = None,
 ) -> None:
-    from .runtime import process_age
+    started = _PROCESS_START if _PROCESS_START is not None else time.perf_counter()  # when the budget began
     from .training import train as run_training
 
-    started = time.perf_counter() - process_age()  # the budget counts from the process's start
     flags = {
         "cell": _value(cell), "num_layers": layers, "hidden_size": hidden, "embedding_dim": embed,
         "dropout": dropout, "tie_weights": tie, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
@@ -607,4 +609,9 @@ def serve(
 
 
 def main() -> None:
-    app()
+    """The ``textrnn`` program: a time budget counts from the start of this process (imports included)."""
+    from .runtime import process_age
+
+    global _PROCESS_START
+    _PROCESS_START = time.perf_counter() - process_age()
+    app(prog_name="textrnn")
