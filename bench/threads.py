@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # name, environment, --threads (None: the trainer's default choice)
 SETTINGS = [
     ("old: all cores, OpenMP defaults", {}, "all"),
-    ("default: idle cores at start", {}, None),
     ("all cores, OMP_WAIT_POLICY=passive", {"OMP_WAIT_POLICY": "PASSIVE"}, "all"),
+    ("idle cores at start", {}, None),
+    ("idle cores at start, passive", {"OMP_WAIT_POLICY": "PASSIVE"}, None),
     ("all cores, GOMP_SPINCOUNT=10000", {"GOMP_SPINCOUNT": "10000"}, "all"),
     ("one thread", {}, 1),
 ]
@@ -78,7 +79,8 @@ print(json.dumps({"chars_per_sec": args["steps"] * config.batch_size * config.se
 
 
 def measure(env_extra: dict, threads, args) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TEXTRNN_THREADS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "TEXTRNN_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update(env_extra)
     env["PYTHONPATH"] = str(ROOT)
     payload = json.dumps({"threads": threads, "steps": args.steps, "preset": args.preset, "cell": args.cell,
