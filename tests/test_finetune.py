@@ -4,12 +4,14 @@ A fine-tuned run starts from its base's weights: a char vocabulary grows by one 
 characters while every known character keeps its rows bit for bit; byte and SentencePiece bases
 map nothing. Settings that contradict the base are refused with one line and exit code 2.
 Samples land in samples.jsonl at each evaluation, repeat for a seed, show in ``info``, and leave
-training bit for bit as it is without them. Tiny models on CPU, fp32.
+training bit for bit as it is without them; ``generate --weights last`` reads ``last/``. Tiny
+models on CPU, fp32.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ import torch
 from conftest import invoke
 from textrnn import checkpoint as ckpt
 from textrnn.config import ModelConfig, TrainConfig
+from textrnn.sampling import Sampler
 from textrnn.schedule import Costs
 from textrnn.tokenizers import load_tokenizer
 from textrnn.training import Interrupted, train
@@ -198,7 +201,7 @@ def test_sample_length_0_writes_no_samples(tmp_path, texts):
 def test_sample_prompt_outside_the_vocabulary_is_refused(tmp_path, texts):
     out = invoke("train", texts["base"], "--out", tmp_path / "bad", "--max-steps", "2", "--device", "cpu",
                  "--layers", "1", "--hidden", "16", "--embed", "8", "--sample-prompt", "\u65e5")
-    assert out.code == 2 and "sample prompt" in out.stderr
+    assert out.code == 2 and "sample prompt" in out.stderr and not (tmp_path / "bad").exists()
 
 
 def test_samples_leave_training_bit_for_bit_the_same(tmp_path, texts):
@@ -232,3 +235,15 @@ def test_an_evaluation_in_the_plan_costs_its_sample():
     assert costs.evaluation(1000) == pytest.approx(0.1 + 0.05)
     assert Costs(**{k: v for k, v in costs.__dict__.items() if k != "sample"}).evaluation(1000) == \
         pytest.approx(0.1)  # a state.json from before samples
+
+
+def test_generate_can_use_the_last_weights(tmp_path, char_base):
+    run = tmp_path / "run"
+    shutil.copytree(char_base, run)
+    last = {k: v + 0.5 for k, v in ckpt.load_tensors(run / "last" / ckpt.WEIGHTS_FILE).items()}
+    ckpt.save_tensors(run / "last" / ckpt.WEIGHTS_FILE, last)  # unlike the best weights
+    model = Sampler.from_checkpoint(run, device="cpu", engine="torch", weights="last").model
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in last.items())
+    texts = [invoke("generate", "-c", run, "--weights", weights, "--length", "40", "--seed", "1", "--engine", "torch",
+                    "--prompt", "the ").stdout for weights in ("best", "last")]
+    assert texts[0].startswith("the ") and texts[1].startswith("the ") and texts[0] != texts[1]

@@ -126,6 +126,11 @@ class Engine(str, Enum):
     onnxruntime = "onnxruntime"
 
 
+class Weights(str, Enum):
+    best = "best"
+    last = "last"
+
+
 class ExportFormat(str, Enum):
     onnx = "onnx"
 
@@ -350,6 +355,8 @@ class _Output:
 @app.command()
 def generate(
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Run directory (default: newest under ./runs).")] = None,
+    weights: Annotated[Weights, typer.Option(help="best: the weights with the lowest validation loss; last: "
+                                                  "those of last/, where training stopped.")] = Weights.best,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text to continue; '-' reads stdin.")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from a file.")] = None,
     length: Annotated[int, typer.Option("--length", "-n", help="Tokens to generate (characters for char models).")] = 500,
@@ -395,7 +402,7 @@ def generate(
 
     _run(_check_sampling_args, temperature, top_k, top_p, repetition_penalty)
     text = _run(_read_prompt, prompt, prompt_file)
-    sampler = _run(Sampler.from_checkpoint, run_dir, device.value, precision.value, engine.value)
+    sampler = _run(Sampler.from_checkpoint, run_dir, device.value, precision.value, engine.value, weights.value)
     try:
         sampler.encode_prompt(text, unknown.value)
     except UnknownCharactersError as exc:

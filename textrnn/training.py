@@ -273,9 +273,10 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
         return result.loss, result.bpc, count
 
     sample = None  # rank 0 samples a text at each evaluation, into samples.jsonl
-    if train_config.sample_length and dist_info.is_main:
-        prompt = _sample_prompt(train_config, dataset.tokenizer, val_ids)
-        sample = _Sample(model, dataset.tokenizer, device, prompt, train_config.sample_length, train_config.seed)
+    if train_config.sample_length:
+        prompt = _sample_prompt(train_config, dataset.tokenizer, val_ids)  # every rank checks it: all raise together
+        if dist_info.is_main:
+            sample = _Sample(model, dataset.tokenizer, device, prompt, train_config.sample_length, train_config.seed)
 
     def save_last_now() -> None:
         if not _check_finite(model):
@@ -503,6 +504,8 @@ def _setup_new(dist_info, inputs, out_dir, model_config, train_config, base: "_B
         if base:
             _check_base_tokenizer(base, dataset)
         _check_enough_data(dataset, train_config, dist_info.world_size)  # before config.json makes this a run
+        if train_config.sample_length:
+            _sample_prompt(train_config, dataset.tokenizer, dataset.split("val"))  # a prompt it can encode
         model_config.vocab_size = dataset.tokenizer.vocab_size
         dataset.tokenizer.save(run_dir)
         config = {
