@@ -87,9 +87,9 @@ def python_corpus(chars: int) -> str:
     return "".join(parts)[:chars]
 
 
-def run(corpus: Path, out: Path, seconds: float, base: Path | None, model: ModelConfig | None) -> dict:
+def run(corpus: Path, out: Path, seconds: float, threads: int, base: Path | None, model: ModelConfig | None) -> dict:
     """One budgeted run; its eval rows (seconds, step, val loss) and the seconds it spent sampling."""
-    result = train([corpus], out, model, TrainConfig(max_time=seconds), init_from=base)
+    result = train([corpus], out, model, TrainConfig(max_time=seconds, threads=threads), init_from=base)
     state = json.loads((out / "last" / "state.json").read_text())
     rows = [(r["elapsed"], r["step"], r["val_loss"]) for r in read_metrics(out) if r["kind"] == "eval"]
     return {"rows": rows, "final": result.final_val_loss, "elapsed": result.elapsed, "steps": result.step,
@@ -102,21 +102,24 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="time budget of each run")
     parser.add_argument("--corpus", choices=("english", "python"), default="english")
     parser.add_argument("--kb", type=int, default=300, help="size of the new corpus")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of both runs (the same for both, "
+                                                               "whatever the load of the machine at each start)")
     args = parser.parse_args()
     print(machine())
-    try:  # one-time imports are paid here, not by whichever run comes first
-        import matplotlib.pyplot  # noqa: F401
-    except ImportError:
-        pass
     base_model = ModelConfig.from_dict(json.loads((args.base / "config.json").read_text())["model"])
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / f"{args.corpus}.txt"
         text = english_corpus(args.kb * 1000) if args.corpus == "english" else python_corpus(args.kb * 1000)
         corpus.write_text(text, encoding="utf-8")
         print(f"new corpus: {args.corpus}, {len(text):,} characters; base {args.base} "
-              f"({base_model.cell} {base_model.num_layers}x{base_model.hidden_size}); {args.seconds:g} s each")
-        runs = {"fine-tuned": run(corpus, Path(tmp) / "tuned", args.seconds, args.base, None),
-                "from scratch": run(corpus, Path(tmp) / "scratch", args.seconds, None, base_model)}
+              f"({base_model.cell} {base_model.num_layers}x{base_model.hidden_size}); {args.seconds:g} s each, "
+              f"{args.threads} thread(s)")
+        # a few steps first: one-time costs (imports, kernels built on first use) are paid here, not
+        # by whichever run comes first
+        train([corpus], Path(tmp) / "warm-up", base_model, TrainConfig(max_steps=2, sample_length=8,
+                                                                        threads=args.threads))
+        runs = {"fine-tuned": run(corpus, Path(tmp) / "tuned", args.seconds, args.threads, args.base, None),
+                "from scratch": run(corpus, Path(tmp) / "scratch", args.seconds, args.threads, None, base_model)}
     print(f"\n{'eval':>4}  {'fine-tuned: s':>13} {'step':>5} {'val loss':>8}   {'from scratch: s':>15} {'step':>5} "
           f"{'val loss':>8}")
     tuned, scratch = runs["fine-tuned"]["rows"], runs["from scratch"]["rows"]

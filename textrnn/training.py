@@ -593,22 +593,29 @@ def _start_from_base(model: RNNLanguageModel, base_dir: Path, tokenizer: Tokeniz
     """Copy the base run's best weights into a new model. A char vocabulary's rows follow their
     characters (the unknown id's row goes to the new unknown id); a character the base lacks
     starts from the mean of the base's character rows."""
-    base = ckpt.load_run(base_dir)
-    tensors = base.model.state_dict()
+    path = base_dir / ckpt.WEIGHTS_FILE
+    if not path.is_file():  # a base stopped before its first evaluation: its latest weights
+        path = ckpt.last_dir(base_dir) / ckpt.WEIGHTS_FILE
+    tensors = ckpt.load_tensors(path)
+    if model.config.tie_weights:  # stored once, as the embedding
+        tensors["head.weight"] = tensors["embedding.weight"]
+    base_tokenizer = load_tokenizer(base_dir)
     if tokenizer.kind == "char":  # byte and SentencePiece ids mean what they meant: nothing to map
-        index = {c: i for i, c in enumerate(base.tokenizer.chars)}
-        rows = torch.tensor([index.get(c, -1) for c in tokenizer.chars] + [base.tokenizer.unk_id])  # (V,)
+        index = {c: i for i, c in enumerate(base_tokenizer.chars)}
+        rows = torch.tensor([index.get(c, -1) for c in tokenizer.chars] + [base_tokenizer.unk_id])  # (V,)
         known = rows >= 0
-        characters = torch.arange(base.tokenizer.vocab_size) != base.tokenizer.unk_id  # (V_base,)
+        characters = torch.arange(base_tokenizer.vocab_size) != base_tokenizer.unk_id  # (V_base,)
         for name in VOCABULARY_TENSORS:
             source = tensors[name]  # (V_base, ...) or (V_base,)
+            if source.shape[0] != base_tokenizer.vocab_size:
+                raise CheckpointError(f"{path}: {name} has {source.shape[0]} rows, the base's vocabulary "
+                                      f"{base_tokenizer.vocab_size}")
             grown = source.new_empty((len(rows),) + tuple(source.shape[1:]))
             grown[known] = source[rows[known]]
             grown[~known] = source[characters].mean(0)
             tensors[name] = grown
-    with torch.no_grad():
-        for name, target in model.state_dict().items():
-            target.copy_(tensors[name])
+    ckpt.check_weights(model, tensors, path)  # names, shapes, dtypes, finite
+    model.load_state_dict(tensors)
 
 
 def _data_path_for_config(data_dir: Path, run_dir: Path) -> str:
