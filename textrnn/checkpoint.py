@@ -27,6 +27,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 STATE_TENSORS_FILE = "state.safetensors"  # hidden state of the streams, RNG states
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"  # a text sampled at each evaluation; rows like metrics.jsonl's
 PLOT_FILE = "loss.png"
 
 
@@ -102,8 +103,9 @@ def last_dir(run_dir: Path) -> Path:
     raise CheckpointError(f"{run_dir}: no resumable checkpoint ({LAST_DIR}/{STATE_FILE} missing)")
 
 
-def append_metrics(run_dir: Path, row: dict) -> None:
-    path = Path(run_dir) / METRICS_FILE
+def append_metrics(run_dir: Path, row: dict, name: str = METRICS_FILE) -> None:
+    """Append one JSON row to ``metrics.jsonl`` (or ``name``, another such file of the run)."""
+    path = Path(run_dir) / name
     try:
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
@@ -111,8 +113,8 @@ def append_metrics(run_dir: Path, row: dict) -> None:
         raise write_error(path, exc) from None
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / METRICS_FILE
+def read_metrics(run_dir: Path, name: str = METRICS_FILE) -> list[dict]:
+    path = Path(run_dir) / name
     rows = []
     if path.is_file():
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -125,10 +127,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return rows
 
 
-def truncate_metrics(run_dir: Path, step: int) -> None:
+def truncate_metrics(run_dir: Path, step: int, name: str = METRICS_FILE) -> None:
     """Drop rows logged after ``step`` (by a run killed after its last checkpoint)."""
-    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-    atomic_write_text(Path(run_dir) / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+    if not (Path(run_dir) / name).is_file():
+        return
+    rows = [r for r in read_metrics(run_dir, name) if r.get("step", 0) <= step]
+    atomic_write_text(Path(run_dir) / name, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ---------------------------------------------------------------- loading a run

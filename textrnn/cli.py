@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 import time
 from enum import Enum
 from pathlib import Path
@@ -128,6 +129,11 @@ class Engine(str, Enum):
     onnxruntime = "onnxruntime"
 
 
+class Weights(str, Enum):
+    best = "best"
+    last = "last"
+
+
 class ExportFormat(str, Enum):
     onnx = "onnx"
 
@@ -212,6 +218,8 @@ def train(
     epochs: Annotated[Optional[float], typer.Option(help=_train_help("epochs"))] = None,
     eval_every: Annotated[Optional[int], typer.Option(help=_train_help("eval_every"))] = None,
     eval_tokens: Annotated[Optional[int], typer.Option(help=_train_help("eval_tokens"))] = None,
+    sample_length: Annotated[Optional[int], typer.Option(help=_train_help("sample_length"))] = None,
+    sample_prompt: Annotated[Optional[str], typer.Option(help=_train_help("sample_prompt"))] = None,
     seed: Annotated[Optional[int], typer.Option(help=_train_help("seed"))] = None,
     threads: Annotated[Optional[int], typer.Option(help=_train_help("threads"))] = None,
     device: Annotated[Optional[Device], typer.Option(help=_train_help("device"))] = None,
@@ -222,6 +230,9 @@ def train(
     val_fraction: Annotated[Optional[float], typer.Option(help="Validation fraction for raw text [default: 0.1].")] = None,
     errors: Annotated[Optional[Errors], typer.Option(help="Invalid UTF-8: strict or replace [default: strict].")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory.")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(
+        help="Fine-tune: a new run on INPUT that starts from this run's best weights, model and tokenizer "
+             "(a char vocabulary grows by the new text's characters).")] = None,
 ) -> None:
     started = _PROCESS_START if _PROCESS_START is not None else time.perf_counter()  # when the budget began
     from .training import train as run_training
@@ -231,13 +242,16 @@ def train(
         "dropout": dropout, "tie_weights": tie, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
         "warmup_steps": warmup, "weight_decay": weight_decay, "grad_clip": clip, "max_steps": max_steps,
         "max_time": _run(parse_duration, max_time) if max_time is not None else None, "epochs": epochs,
-        "eval_every": eval_every, "eval_tokens": eval_tokens, "seed": seed, "threads": threads,
+        "eval_every": eval_every, "eval_tokens": eval_tokens, "sample_length": sample_length,
+        "sample_prompt": sample_prompt, "seed": seed, "threads": threads,
         "device": _value(device), "precision": _value(precision), "compile": compile_model,
         "tokenizer": _value(tokenizer), "vocab_size": vocab_size, "val_fraction": val_fraction,
         "errors": _value(errors), "preset": preset_name,
     }
     progress = sys.stderr.isatty() or bool(os.environ.get("TEXTRNN_PROGRESS"))
     if resume is not None:
+        if init_from is not None:
+            _fail("--init-from starts a new run from a trained one and --resume continues a run; give one")
         if inputs:
             _fail("give either INPUT or --resume RUN_DIR, not both")
         ignored = sorted(k for k, v in flags.items() if v is not None and k not in RESUME_OVERRIDES)
@@ -252,9 +266,15 @@ def train(
             _fail("missing INPUT: give text files, a directory, or a preprocess directory (or --resume RUN_DIR)")
         file_settings = _run(read_toml_settings, config) if config else {}
         model_config, train_config, data = _run(build_configs, file_settings, flags, str(config or "options"))
-        result = _run(run_training, inputs, out, model_config, train_config, tokenizer=data["tokenizer"],
-                      vocab_size=data["vocab_size"], val_fraction=data["val_fraction"], errors=data["errors"],
-                      progress=progress, log=_warn, started=started)
+        tokenizer_kind = data["tokenizer"]
+        init_from = init_from or data["init_from"]
+        if init_from is not None:  # the model and tokenizer are the base's, unless given (then they must agree)
+            given = {**file_settings, **{k: v for k, v in flags.items() if v is not None}}
+            model_config = _run(_finetune_model, Path(init_from), given)
+            tokenizer_kind = given.get("tokenizer")
+        result = _run(run_training, inputs, out, model_config, train_config, init_from=init_from,
+                      tokenizer=tokenizer_kind, vocab_size=data["vocab_size"], val_fraction=data["val_fraction"],
+                      errors=data["errors"], progress=progress, log=_warn, started=started)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
     best = f"{result.best_val_bpc:.4f}" if result.best_val_bpc is not None else "-"
@@ -262,6 +282,16 @@ def train(
     print(f"done: best val bpc {best} (loss {result.best_val_loss:.4f}) after {result.step} steps in "
           f"{format_duration(result.wall_time)}{preprocessing} ({result.stop_reason}); run saved in {result.run_dir}",
           file=sys.stderr)
+
+
+def _finetune_model(base_dir: Path, given: dict) -> ModelConfig:
+    """The base run's model, with the dropout of ``given``; shape settings that contradict it are refused."""
+    from . import checkpoint as ckpt
+    from .config import finetune_model_config
+
+    base = ckpt.run_config(base_dir)
+    return finetune_model_config(ModelConfig.from_dict(base["model"], str(base_dir / ckpt.CONFIG_FILE)), given,
+                                 str(base_dir))
 
 
 def _value(choice: Optional[Enum]) -> Optional[str]:
@@ -327,6 +357,8 @@ class _Output:
 @app.command()
 def generate(
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Run directory (default: newest under ./runs).")] = None,
+    weights: Annotated[Weights, typer.Option(help="best: the weights with the lowest validation loss; last: "
+                                                  "those of last/, where training stopped.")] = Weights.best,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Text to continue; '-' reads stdin.")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from a file.")] = None,
     length: Annotated[int, typer.Option("--length", "-n", help="Tokens to generate (characters for char models).")] = 500,
@@ -372,7 +404,7 @@ def generate(
 
     _run(_check_sampling_args, temperature, top_k, top_p, repetition_penalty)
     text = _run(_read_prompt, prompt, prompt_file)
-    sampler = _run(Sampler.from_checkpoint, run_dir, device.value, precision.value, engine.value)
+    sampler = _run(Sampler.from_checkpoint, run_dir, device.value, precision.value, engine.value, weights.value)
     try:
         sampler.encode_prompt(text, unknown.value)
     except UnknownCharactersError as exc:
@@ -470,7 +502,7 @@ def info(
     verify: Annotated[bool, typer.Option("--verify", help="Also check the training data against the full sha256 "
                                                           "kept in its meta.json (reads all of it).")] = False,
 ) -> None:
-    """Config, parameter count and training summary of a run."""
+    """Config, parameter count, training summary and latest sample of a run."""
     from . import checkpoint as ckpt
 
     config = _run(ckpt.run_config, run_dir)
@@ -484,6 +516,12 @@ def info(
           f"dropout {model.dropout}, tied {model.tie_weights}")
     print(f"parameters {count_parameters(model):,}")
     print(f"tokenizer  {config['tokenizer'].get('kind')} (vocab {config['tokenizer'].get('vocab_size')})")
+    base = config.get("init_from")
+    if isinstance(base, dict):
+        loss = f", val loss {base['val_loss']:.4f}" if isinstance(base.get("val_loss"), (int, float)) else ""
+        added = (f"; {len(base['added_chars'])} character(s) added to its vocabulary"
+                 if isinstance(base.get("added_chars"), str) else "")
+        print(f"base       fine-tuned from {base.get('path')} (step {base.get('step')}{loss}){added}")
     print("training   " + ", ".join(f"{k}={v}" for k, v in train.items() if v is not None))
     state = _last_state(run_dir)
     if state:
@@ -500,6 +538,11 @@ def info(
         print(f"best val   {best['val_loss']:.4f} nats/token, {best['val_bpc']:.4f} bpc at step {best['step']}")
     else:
         print("best val   no evaluation yet")
+    samples = ckpt.read_metrics(run_dir, ckpt.SAMPLES_FILE)
+    if samples and isinstance(samples[-1].get("text"), str):
+        latest = samples[-1]
+        print(f"sample     at step {latest.get('step')} (temperature {latest.get('temperature')}):")
+        print(textwrap.indent(str(latest.get("prompt", "")) + latest["text"], "  | ", lambda line: True))
     if verify:
         print(f"data       {_run(_verify_data, run_dir, config)}")
 

@@ -107,6 +107,9 @@ class TrainConfig:
     eval_every: int | None = _field(None, "Steps between evaluations (default: 10 evaluations over the run).")
     eval_tokens: int | None = _field(None, "Validation tokens per periodic evaluation (default: all, unless "
                                            "that takes over 10% of a time budget); the last one is complete.")
+    sample_length: int = _field(200, "Tokens sampled at every evaluation into samples.jsonl (0 = off).")
+    sample_prompt: str | None = _field(None, "Prompt of those samples (default: the first line of the "
+                                             "validation text).")
     log_every: int = _field(10, "Steps between metrics.jsonl train rows.")
     checkpoint_every: int = _field(0, "Steps between last/ checkpoints besides evaluations (0 = at evaluations).")
     seed: int = _field(1337, "Seeds Python, numpy and torch.")
@@ -128,6 +131,8 @@ class TrainConfig:
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if isinstance(self.sample_length, bool) or not isinstance(self.sample_length, int) or self.sample_length < 0:
+            raise ConfigError(f"sample_length must be an integer >= 0 (0 = off), got {self.sample_length!r}")
         if self.warmup_steps < 0 or self.checkpoint_every < 0:
             raise ConfigError("warmup_steps and checkpoint_every must be >= 0")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
@@ -230,10 +235,13 @@ def format_duration(seconds: float) -> str:
 
 MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size"}
 TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
-# the data stage's settings: not dataclass fields, so checked here
+# the data stage's settings and the run to start from: not dataclass fields, so checked here
 DATA_TYPES: dict[str, Any] = {"tokenizer": str, "vocab_size": int, "val_fraction": (int, float), "errors": str,
-                              "preset": str}
-DATA_DEFAULTS: dict[str, Any] = {"tokenizer": "char", "vocab_size": None, "val_fraction": 0.1, "errors": "strict"}
+                              "preset": str, "init_from": str}
+DATA_DEFAULTS: dict[str, Any] = {"tokenizer": "char", "vocab_size": None, "val_fraction": 0.1, "errors": "strict",
+                                 "init_from": None}
+# what makes the weights of one model fit another: a fine-tuned model keeps its base's
+SHAPE_KEYS = ("cell", "num_layers", "hidden_size", "embedding_dim", "tie_weights")
 
 
 def help_text(config_class: type, name: str) -> str:
@@ -287,7 +295,7 @@ def build_configs(file_settings: dict[str, Any], flags: dict[str, Any], source: 
     """The preset, then the config file, then command-line flags (flags win; a None flag is unset).
 
     Returns the model and train configs and the data stage's settings (tokenizer, vocab_size,
-    val_fraction, errors), defaults filled in.
+    val_fraction, errors, init_from), defaults filled in.
     """
     settings = {**file_settings, **{k: v for k, v in flags.items() if v is not None}}
     for key, kinds in DATA_TYPES.items():
@@ -302,3 +310,21 @@ def build_configs(file_settings: dict[str, Any], flags: dict[str, Any], source: 
 
 # what --resume may change: stopping rules, evaluation and where it runs; never the model or the data
 RESUME_OVERRIDES = {"max_steps", "max_time", "epochs", "eval_every", "eval_tokens", "device", "threads"}
+
+
+def finetune_model_config(base: ModelConfig, settings: dict[str, Any], source: str) -> ModelConfig:
+    """The model of a run fine-tuned from a run whose model is ``base``: the base's, dropout aside.
+
+    ``settings`` are what the user gave (a None value is unset): a preset or a shape setting
+    (``SHAPE_KEYS``) that contradicts the base is refused, since the base's weights would not fit;
+    ``dropout`` may change. The vocabulary size is set later, from the tokenizer.
+    """
+    given = dict(preset(settings["preset"]).to_dict()) if settings.get("preset") is not None else {}
+    given.update({k: v for k, v in settings.items() if k in MODEL_KEYS and v is not None})
+    clashes = [f"{k} {given[k]!r} (the base has {getattr(base, k)!r})" for k in SHAPE_KEYS
+               if k in given and given[k] != getattr(base, k)]
+    if clashes:
+        raise ConfigError(f"{source}: init_from keeps the base run's model, but got {', '.join(clashes)}; "
+                          f"drop the model-shape settings (--preset, --cell, --layers, --hidden, --embed, --tie)")
+    dropout = settings.get("dropout")
+    return ModelConfig.from_dict({**base.to_dict(), **({"dropout": dropout} if dropout is not None else {})}, source)

@@ -192,7 +192,10 @@ class _SplitWriter:
 
 
 def _build_tokenizer(kind: str, files: list[Path], errors: str, newline: str, vocab_size: int | None,
-                     total_chars: int, seen: np.ndarray | None, warn: Callable[[str], None]) -> Tokenizer:
+                     total_chars: int, seen: np.ndarray | None, warn: Callable[[str], None],
+                     start_from: Tokenizer | None = None) -> Tokenizer:
+    if start_from is not None:  # a fine-tuned model's ids must mean what they meant to its base
+        return start_from.extended(seen) if isinstance(start_from, CharTokenizer) else start_from
     if kind == "char":
         return CharTokenizer.from_codepoints(seen)
     if kind == "byte":
@@ -226,15 +229,22 @@ def _check_output_dir(out_dir: Path) -> None:
 
 def preprocess(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, *, tokenizer: str = "char",
                vocab_size: int | None = None, val_fraction: float = 0.1, errors: str = "strict",
-               newline: str = "lf", progress: bool = False, warn: Callable[[str], None] = lambda _: None) -> Path:
+               newline: str = "lf", progress: bool = False, warn: Callable[[str], None] = lambda _: None,
+               start_from: Tokenizer | None = None) -> Path:
     """Tokenize text files into ``out_dir``: train.bin, val.bin, the tokenizer files and meta.json.
 
     Two passes over the text in chunks, so memory stays bounded: the first checks it, counts its
     characters and (``char``) finds the vocabulary; the second encodes it straight into the
     split files. The last ``val_fraction`` of the characters is the validation split. Output is
     built in a temporary directory renamed at the end, so a failure leaves nothing that looks valid.
+
+    ``start_from`` (a tokenizer of kind ``tokenizer``) encodes with an existing vocabulary, as
+    fine-tuning needs: a char vocabulary is extended by the corpus's new characters (see
+    ``CharTokenizer.extended``); byte and SentencePiece tokenizers are used as they are.
     """
     check_kind(tokenizer)
+    if start_from is not None and start_from.kind != tokenizer:
+        raise ConfigError(f"cannot encode a {tokenizer} corpus with a {start_from.kind} tokenizer")
     if errors not in ("strict", "replace"):
         raise ConfigError(f"errors must be strict or replace, got {errors!r}")
     if newline not in ("lf", "keep"):
@@ -271,7 +281,7 @@ def preprocess(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, 
         if val_chars < 2 or train_chars < 2:
             raise InputError(f"{_names(files)}: corpus too short to split into train and val "
                              f"({total_chars} characters at val fraction {val_fraction})")
-        tok = _build_tokenizer(tokenizer, files, errors, newline, vocab_size, total_chars, seen, warn)
+        tok = _build_tokenizer(tokenizer, files, errors, newline, vocab_size, total_chars, seen, warn, start_from)
         if vocab_size is not None and tokenizer in ("char", "byte"):
             warn(f"warning: --vocab-size applies to bpe and unigram tokenizers; "
                  f"the {tokenizer} vocabulary has {tok.vocab_size}")

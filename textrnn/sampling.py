@@ -272,8 +272,8 @@ class Sampler:
 
     @classmethod
     def from_checkpoint(cls, run_dir: str | os.PathLike, device: str = "auto", precision: str = "auto",
-                        engine: str = "auto") -> "Sampler":
-        """A sampler for the best weights of a run directory.
+                        engine: str = "auto", weights: str = "best") -> "Sampler":
+        """A sampler for the best weights of a run directory (``weights="last"``: those of ``last/``).
 
         ``device="auto"`` picks cuda, then mps, then cpu. ``precision="auto"`` is fp16 on x86 CPUs
         for models of 2M parameters or more, and fp32 otherwise: fp16 copies of the recurrent
@@ -284,8 +284,12 @@ class Sampler:
         ``engine`` is described on the class; onnxruntime's export of the step is cached in
         ``RUN_DIR/onnx/`` and reused until the run's weights change.
         """
-        run = load_run(run_dir, resolve_device(device))
-        return cls(run.model, run.tokenizer, run.device, run.config, precision, engine, run_dir=run_dir)
+        if weights not in ("best", "last"):
+            raise ConfigError(f"weights must be best or last, got {weights!r}")
+        run = load_run(run_dir, resolve_device(device), weights)
+        # the run's ONNX cache holds its best weights: last/'s are exported afresh
+        return cls(run.model, run.tokenizer, run.device, run.config, precision, engine,
+                   run_dir=run_dir if weights == "best" else None)
 
     def encode_prompt(self, prompt: str, unknown: str = "error") -> list[int]:
         """Prompt ids; characters outside a char vocabulary raise InputError (``unknown="skip"`` drops them)."""
@@ -370,7 +374,7 @@ class Sampler:
         """Yield (sample index, text piece) as tokens are made; arguments already checked."""
         if length == 0:
             return
-        device, model, precision = self.device, self.model, self.precision
+        device = self.device
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         vocab = self.tokenizer.vocab_size

@@ -56,9 +56,11 @@ class Costs:
     eval_token: float  # one validation token in evaluation
     save: float  # writing last/ (and best weights, about the same again at most)
     finish: float  # after the last step, besides the final evaluation: the plot and the summary
+    sample: float = 0.0  # the text sampled at each evaluation (samples.jsonl)
 
     def evaluation(self, tokens: int) -> float:
-        return tokens * self.eval_token
+        """One evaluation of ``tokens`` validation tokens, its sample included."""
+        return tokens * self.eval_token + self.sample
 
 
 def eval_token_cap(costs: Costs, budget_left: float, val_tokens: int) -> int | None:

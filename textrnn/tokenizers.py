@@ -96,15 +96,20 @@ class CharTokenizer:
 
     The unknown id (the last one) never occurs in training data. Encoding a character outside
     the vocabulary raises by default; ``unknown="unk"`` maps it to the unknown id and
-    ``unknown="skip"`` drops it. Decoding the unknown id gives U+FFFD.
+    ``unknown="skip"`` drops it. Decoding the unknown id gives U+FFFD. A vocabulary grown for
+    fine-tuning (``extended``) keeps its base's ids and is no longer sorted: ``ordered=True``
+    takes the characters in the order given (how a saved vocabulary is read back).
     """
 
     kind = "char"
 
-    def __init__(self, chars: Iterable[str]):
-        self.chars: list[str] = sorted(set(chars))
+    def __init__(self, chars: Iterable[str], ordered: bool = False):
+        chars = list(chars)
+        self.chars: list[str] = list(dict.fromkeys(chars)) if ordered else sorted(set(chars))
         if not self.chars:
             raise InputError("cannot build a character vocabulary from empty text")
+        if len(self.chars) != len(chars) and ordered:
+            raise InputError("a character vocabulary lists a character twice")
         surrogates = [c for c in self.chars if 0xD800 <= ord(c) <= 0xDFFF]
         if surrogates:  # no file decodes to one, and tokenizer.json (UTF-8) could not hold it
             raise InputError(f"a character vocabulary cannot hold lone surrogates: {describe_chars(surrogates)}")
@@ -121,6 +126,13 @@ class CharTokenizer:
         """Build from an array over code points, nonzero where the corpus has that character
         (see ``mark_codepoints``)."""
         return cls(chr(int(p)) for p in np.flatnonzero(seen))
+
+    def extended(self, seen: np.ndarray) -> "CharTokenizer":
+        """This vocabulary with the characters marked in ``seen`` that it lacks added after its own,
+        sorted, as one block: every id of this vocabulary but the unknown one keeps its character,
+        and the unknown id stays last."""
+        added = np.flatnonzero(seen).tolist()
+        return CharTokenizer(self.chars + [chr(p) for p in added if chr(p) not in self._index], ordered=True)
 
     @property
     def vocab_size(self) -> int:
@@ -355,7 +367,7 @@ def tokenizer_from_dict(data: dict, directory: Path) -> Tokenizer:
         chars = data.get("chars")
         if not isinstance(chars, str) or not chars:
             raise CheckpointError(f"{directory / TOKENIZER_FILE}: char tokenizer has no vocabulary")
-        return CharTokenizer(chars)
+        return CharTokenizer(chars, ordered=True)
     if kind == "byte":
         return ByteTokenizer()
     if kind in SENTENCEPIECE_KINDS:

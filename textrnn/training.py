@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import signal
+import textwrap
 import threading
 import time
 import traceback
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .config import ModelConfig, TrainConfig, format_duration
+from .config import ModelConfig, TrainConfig, finetune_model_config, format_duration
 from .data import Dataset, TrainStreams, is_dataset_dir, load_dataset, preprocess
 from .distributed import Dist, agree, barrier, broadcast, gather_hidden, gather_rng, init_distributed, reduce_step
 from .errors import CheckpointError, ConfigError, InputError, TextRNNError, TrainingError
@@ -39,6 +40,7 @@ from .plot import plot_losses
 from .runstate import data_fingerprint, restore, save_last
 from .runtime import autocast, choose_threads, resolve_precision, set_seed
 from .schedule import BUDGET_TARGET, EVALUATIONS, Costs, eval_interval, eval_token_cap, learning_rate, plan_steps
+from .tokenizers import Tokenizer, describe_chars, load_tokenizer
 
 DEFAULT_MAX_TIME = 600.0  # seconds, when no stopping rule is given
 DIVERGED_FACTOR = 3.0  # a loss above this many times ln(vocab) counts as a bad step
@@ -49,6 +51,8 @@ INTERRUPT_EVAL_TOKENS = 1 << 16  # a run stopped before its first evaluation sco
 REPLAN_TOLERANCE = 0.03  # a time budget is replanned when it would end further than this share away
 EXIT_SECONDS = 1.0  # after the summary: the interpreter and torch shutting down
 PLAIN_LOG_SECONDS = 15.0  # a progress line this often when stderr is not a terminal
+SAMPLE_TEMPERATURE = 0.8  # of the text sampled at each evaluation
+SAMPLE_PROMPT_TOKENS = 200  # the default sample prompt is the first line of at most this much validation text
 _NO_LOG: Callable[[str], None] = lambda _: None
 
 
@@ -116,19 +120,25 @@ def _loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def train(inputs: list[str | os.PathLike] | None = None, out_dir: str | os.PathLike | None = None,
           model_config: ModelConfig | None = None, train_config: TrainConfig | None = None, *,
           resume: str | os.PathLike | None = None, resume_overrides: dict | None = None,
-          tokenizer: str = "char", vocab_size: int | None = None, val_fraction: float = 0.1,
-          errors: str = "strict", progress: bool = False, log: Callable[[str], None] = _NO_LOG,
-          should_stop: Callable[[int], bool] | None = None, started: float | None = None) -> TrainResult:
+          init_from: str | os.PathLike | None = None, tokenizer: str | None = None, vocab_size: int | None = None,
+          val_fraction: float = 0.1, errors: str = "strict", progress: bool = False,
+          log: Callable[[str], None] = _NO_LOG, should_stop: Callable[[int], bool] | None = None,
+          started: float | None = None) -> TrainResult:
     """Train a model and write its run directory; or continue one with ``resume=RUN_DIR``.
 
     ``inputs`` is text files, a directory of them, or one directory made by ``preprocess``.
     ``resume_overrides`` changes what a resumed run may change (``config.RESUME_OVERRIDES``).
+    ``init_from=RUN_DIR`` fine-tunes: a new run that starts from that run's best weights, model
+    and tokenizer (``model_config`` may then change only the dropout; see ``_read_base``).
+    ``tokenizer`` is ``char`` unless given, or the base's with ``init_from``.
     ``should_stop(step)`` lets a caller stop at a step boundary, as a signal would. ``started``
     (a ``time.perf_counter()`` value) is when the time budget began: the process's start for the
     CLI, the call otherwise.
     """
     started = time.perf_counter() if started is None else started
     overrides = resume_overrides or {}
+    if resume and init_from:
+        raise ConfigError("init_from starts a new run from a trained one and resume continues a run; give one")
     if resume:
         saved_train = ckpt.run_config(Path(resume))["train"]
         device_name = overrides.get("device") or saved_train.get("device", "auto")
@@ -137,7 +147,7 @@ def train(inputs: list[str | os.PathLike] | None = None, out_dir: str | os.PathL
     dist_info, device = init_distributed(device_name)
     threads_before = torch.get_num_threads()
     try:
-        return _train(dist_info, device, inputs, out_dir, model_config, train_config, resume, overrides,
+        return _train(dist_info, device, inputs, out_dir, model_config, train_config, resume, overrides, init_from,
                       dict(tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, errors=errors),
                       progress, log, should_stop, started)
     except BaseException as exc:
@@ -157,7 +167,7 @@ def train(inputs: list[str | os.PathLike] | None = None, out_dir: str | os.PathL
 
 
 def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config, train_config, resume, overrides,
-           data_settings: dict, progress: bool, log, should_stop, started: float) -> TrainResult:
+           init_from, data_settings: dict, progress: bool, log, should_stop, started: float) -> TrainResult:
     log = log if dist_info.is_main else _NO_LOG
     progress = progress and dist_info.is_main
     # before anything is written: TEXTRNN_THREADS may be wrong, and the load is read before the work starts
@@ -169,7 +179,8 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
         run_dir = Path(resume)
         config = _setup_resume(run_dir, overrides)
     else:
-        model_config = model_config or ModelConfig()
+        base = _read_base(Path(init_from), model_config, data_settings) if init_from else None
+        model_config = base.model_config if base else (model_config or ModelConfig())
         train_config = train_config or TrainConfig()
         resolve_precision(train_config.precision, device)  # fail before a half-made run directory blocks --out
         if not (train_config.max_steps or train_config.max_time or train_config.epochs):
@@ -179,7 +190,7 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
         setup = None
         if dist_info.is_main:
             try:
-                setup = _setup_new(dist_info, inputs, out_dir, model_config, train_config, progress=progress,
+                setup = _setup_new(dist_info, inputs, out_dir, model_config, train_config, base, progress=progress,
                                    log=log, **data_settings)
                 setup = (str(setup[0]), setup[1], setup[2])
             except BaseException as exc:  # whatever failed, release the other ranks waiting in the broadcast
@@ -215,6 +226,8 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
     # ---- model and optimizer
     set_seed(train_config.seed)
     model = RNNLanguageModel(model_config).to(device)
+    if not resume and config.get("init_from"):  # fine-tuning: the base's weights (a resumed run has its own)
+        _start_from_base(model, Path(config["init_from"]["path"]), dataset.tokenizer)
     if dist_info.enabled:  # the same initial weights everywhere, but each rank its own dropout masks
         torch.manual_seed(train_config.seed + 7919 * dist_info.rank)
     optimizer = _optimizer(model, train_config, fused_ok=device.type in ("cuda", "cpu"))
@@ -228,6 +241,7 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
         if dist_info.is_main:
             ckpt.remove_stale_temporaries(run_dir)
             ckpt.truncate_metrics(run_dir, state["step"])
+            ckpt.truncate_metrics(run_dir, state["step"], ckpt.SAMPLES_FILE)
             ckpt.write_json(run_dir / ckpt.CONFIG_FILE, config)  # keep new limits for the next resume
         log(f"resumed from step {state['step']} ({format_duration(state['elapsed'])} trained)")
     state["status"] = "training"
@@ -257,6 +271,12 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
                                        world_size=dist_info.world_size)
         result = summarize(loss_sum, count, chars_per_token["val"])
         return result.loss, result.bpc, count
+
+    sample = None  # rank 0 samples a text at each evaluation, into samples.jsonl
+    if train_config.sample_length:
+        prompt = _sample_prompt(train_config, dataset.tokenizer, val_ids)  # every rank checks it: all raise together
+        if dist_info.is_main:
+            sample = _Sample(model, dataset.tokenizer, device, prompt, train_config.sample_length, train_config.seed)
 
     def save_last_now() -> None:
         if not _check_finite(model):
@@ -329,8 +349,9 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
                 hidden = _rollback(saved, model, optimizer, state)
                 if step_seconds is None:  # a signal came while calibrating
                     state["elapsed"] = clock()
-                    return _interrupted(run_dir, evaluate, save_last_now, model, state, dist_info, log, None)
-                costs = _measure_costs(step_seconds, evaluate, save_last_now, run_dir, len(val_ids) - 1,
+                    return _interrupted(run_dir, evaluate, sample, save_last_now, model, state, dist_info, log,
+                                        None)
+                costs = _measure_costs(step_seconds, evaluate, sample, save_last_now, run_dir, len(val_ids) - 1,
                                        train_config, dist_info)
             _make_plan(state, train_config, costs, agree(clock(), False, dist_info, device)[0],
                        streams.steps_per_epoch, len(val_ids) - 1, limits, dist_info, log)
@@ -414,7 +435,8 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
                     if train_config.max_time and step > interval_start[0]:  # the speed since the last evaluation
                         speed = (state["elapsed"] - interval_start[1]) / (step - interval_start[0])
                         plan = _replan(state, train_config, costs, speed, len(val_ids) - 1, dist_info, log)
-                    last_val_bpc = _evaluate_and_save(evaluate, eval_tokens, run_dir, model, state, dist_info, log)
+                    last_val_bpc = _evaluate_and_save(evaluate, sample, eval_tokens, run_dir, model, state,
+                                                      dist_info, log)
                     state["next_eval"] = step + state["eval_every"]
                     save_last_now()
                     previous_elapsed = None  # the evaluation is not a step
@@ -430,9 +452,9 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
         # ---- the end: interrupted runs save and say how to resume; finished runs evaluate first
         state["elapsed"] = clock()
         if stop_reason.startswith("interrupted"):
-            return _interrupted(run_dir, evaluate, save_last_now, model, state, dist_info, log, eval_tokens)
+            return _interrupted(run_dir, evaluate, sample, save_last_now, model, state, dist_info, log, eval_tokens)
         if state["last_eval_step"] != state["step"]:  # the same tokens as every other evaluation
-            last_val_bpc = _evaluate_and_save(evaluate, eval_tokens, run_dir, model, state, dist_info, log)
+            last_val_bpc = _evaluate_and_save(evaluate, sample, eval_tokens, run_dir, model, state, dist_info, log)
         if eval_tokens is not None and state.get("complete_eval_step") != state["step"]:  # then the whole split
             state["elapsed"] = clock()
             full_loss, full_bpc, count = evaluate(None)
@@ -447,10 +469,11 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
                        plan, state.get("last_val_loss"), time.perf_counter() - started - preprocess_time, preprocess_time)
 
 
-def _setup_new(dist_info, inputs, out_dir, model_config, train_config, tokenizer, vocab_size, val_fraction,
-               errors, progress, log) -> tuple[Path, dict, float]:
+def _setup_new(dist_info, inputs, out_dir, model_config, train_config, base: "_Base | None", tokenizer, vocab_size,
+               val_fraction, errors, progress, log) -> tuple[Path, dict, float]:
     """Rank 0 creates the run directory (preprocessing raw text into it) and writes config.json;
-    returns the directory, the config and the seconds spent preprocessing."""
+    returns the directory, the config and the seconds spent preprocessing. A fine-tuned run
+    encodes its text with the base's tokenizer and records its base in config.json."""
     if not inputs:
         raise InputError("no training input given")
     paths = [Path(p) for p in inputs]
@@ -473,11 +496,16 @@ def _setup_new(dist_info, inputs, out_dir, model_config, train_config, tokenizer
         else:
             data_dir = (run_dir / "data").resolve()
             preprocess_start = time.perf_counter()
-            preprocess(paths, data_dir, tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
-                       errors=errors, progress=progress, warn=log)
+            preprocess(paths, data_dir, tokenizer=base.tokenizer.kind if base else tokenizer or "char",
+                       vocab_size=vocab_size, val_fraction=val_fraction, errors=errors, progress=progress, warn=log,
+                       start_from=base.tokenizer if base else None)
             preprocess_time = time.perf_counter() - preprocess_start
         dataset = load_dataset(data_dir)
+        if base:
+            _check_base_tokenizer(base, dataset)
         _check_enough_data(dataset, train_config, dist_info.world_size)  # before config.json makes this a run
+        if train_config.sample_length:
+            _sample_prompt(train_config, dataset.tokenizer, dataset.split("val"))  # a prompt it can encode
         model_config.vocab_size = dataset.tokenizer.vocab_size
         dataset.tokenizer.save(run_dir)
         config = {
@@ -488,12 +516,106 @@ def _setup_new(dist_info, inputs, out_dir, model_config, train_config, tokenizer
                      "chars_per_token": {s: dataset.chars_per_token(s) for s in ("train", "val")}},
             "world_size": dist_info.world_size, "torch": torch.__version__,
         }
+        if base:
+            config["init_from"] = _base_record(base, dataset.tokenizer, log)
         ckpt.write_json(run_dir / ckpt.CONFIG_FILE, config)
     except BaseException:
         if created:  # a run that cannot start leaves nothing behind (not even the preprocessed data)
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return run_dir, config, preprocess_time
+
+
+@dataclass
+class _Base:
+    """The run a fine-tuned run starts from (``init_from``)."""
+
+    path: Path
+    tokenizer: Tokenizer
+    model_config: ModelConfig  # the new run's model: the base's, maybe with another dropout
+
+
+def _read_base(path: Path, model_config: ModelConfig | None, data_settings: dict) -> _Base:
+    """The base run at ``path``, checked against the new run's settings: its model shape, tokenizer
+    and vocabulary are kept, so settings that contradict them are refused (ConfigError)."""
+    config = ckpt.run_config(path)  # a directory that is not a run: CheckpointError
+    try:
+        base_model = ModelConfig.from_dict(config["model"], str(path / ckpt.CONFIG_FILE))
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
+    tokenizer = load_tokenizer(path)
+    kind = data_settings["tokenizer"]
+    if kind is not None and kind != tokenizer.kind:
+        raise ConfigError(f"{path}: the base run has a {tokenizer.kind} tokenizer, which a fine-tuned run keeps "
+                          f"(got tokenizer {kind}); drop --tokenizer")
+    if data_settings["vocab_size"] is not None:
+        raise ConfigError(f"{path}: a fine-tuned run keeps the base run's vocabulary; drop --vocab-size")
+    model = finetune_model_config(base_model, model_config.to_dict() if model_config else {}, str(path))
+    return _Base(path.resolve(), tokenizer, model)
+
+
+def _check_base_tokenizer(base: _Base, dataset: Dataset) -> None:
+    """A preprocessed directory must have been encoded as the base's tokenizer would (char
+    vocabularies may differ: their rows are mapped by character)."""
+    mine = dataset.tokenizer
+    if mine.kind != base.tokenizer.kind:
+        raise ConfigError(f"{dataset.path}: preprocessed with a {mine.kind} tokenizer, but the base run "
+                          f"{base.path} has a {base.tokenizer.kind} one; give the raw text instead")
+    if getattr(mine, "model_proto", None) != getattr(base.tokenizer, "model_proto", None):
+        raise ConfigError(f"{dataset.path}: preprocessed with another SentencePiece model than the base run "
+                          f"{base.path}'s; give the raw text, so that it is encoded with the base's")
+
+
+def _base_record(base: _Base, tokenizer: Tokenizer, log) -> dict:
+    """What config.json keeps of the base (``info`` shows it), logged in one line."""
+    evals = [r for r in ckpt.read_metrics(base.path) if r.get("kind") == "eval"]
+    best = min(evals, key=lambda r: r["val_loss"]) if evals else {}
+    record = {"path": str(base.path), "step": best.get("step"), "val_loss": best.get("val_loss"),
+              "tokenizer": base.tokenizer.kind}
+    if tokenizer.kind == "char":
+        added = sorted(base.tokenizer.unknown_chars("".join(tokenizer.chars)))
+        record["added_chars"] = "".join(added)
+        detail = (f"{len(added)} new character(s) added to its vocabulary of {base.tokenizer.vocab_size}"
+                  + (f": {describe_chars(added)}" if added else ""))
+    elif tokenizer.kind == "byte":
+        detail = "byte tokenizer, nothing to map"
+    else:
+        detail = f"its {tokenizer.kind} tokenizer encodes the new text (pieces it cannot form as bytes)"
+    log(f"starting from {base.path} (step {record['step']}, val loss "
+        f"{'-' if best.get('val_loss') is None else format(best['val_loss'], '.4f')}): {detail}")
+    return record
+
+
+VOCABULARY_TENSORS = ("embedding.weight", "head.weight", "head.bias")  # one row per token id
+
+
+def _start_from_base(model: RNNLanguageModel, base_dir: Path, tokenizer: Tokenizer) -> None:
+    """Copy the base run's best weights into a new model. A char vocabulary's rows follow their
+    characters (the unknown id's row goes to the new unknown id); a character the base lacks
+    starts from the mean of the base's character rows."""
+    path = base_dir / ckpt.WEIGHTS_FILE
+    if not path.is_file():  # a base stopped before its first evaluation: its latest weights
+        path = ckpt.last_dir(base_dir) / ckpt.WEIGHTS_FILE
+    tensors = ckpt.load_tensors(path)
+    if model.config.tie_weights:  # stored once, as the embedding
+        tensors["head.weight"] = tensors["embedding.weight"]
+    base_tokenizer = load_tokenizer(base_dir)
+    if tokenizer.kind == "char":  # byte and SentencePiece ids mean what they meant: nothing to map
+        index = {c: i for i, c in enumerate(base_tokenizer.chars)}
+        rows = torch.tensor([index.get(c, -1) for c in tokenizer.chars] + [base_tokenizer.unk_id])  # (V,)
+        known = rows >= 0
+        characters = torch.arange(base_tokenizer.vocab_size) != base_tokenizer.unk_id  # (V_base,)
+        for name in VOCABULARY_TENSORS:
+            source = tensors[name]  # (V_base, ...) or (V_base,)
+            if source.shape[0] != base_tokenizer.vocab_size:
+                raise CheckpointError(f"{path}: {name} has {source.shape[0]} rows, the base's vocabulary "
+                                      f"{base_tokenizer.vocab_size}")
+            grown = source.new_empty((len(rows),) + tuple(source.shape[1:]))
+            grown[known] = source[rows[known]]
+            grown[~known] = source[characters].mean(0)
+            tensors[name] = grown
+    ckpt.check_weights(model, tensors, path)  # names, shapes, dtypes, finite
+    model.load_state_dict(tensors)
 
 
 def _data_path_for_config(data_dir: Path, run_dir: Path) -> str:
@@ -587,14 +709,20 @@ def _time_steps(train_step, config: TrainConfig, clock, signals, dist_info: Dist
     return float(np.median(times))
 
 
-def _measure_costs(step_seconds: float, evaluate, save_last_now, run_dir: Path, val_tokens: int,
+def _measure_costs(step_seconds: float, evaluate, sample, save_last_now, run_dir: Path, val_tokens: int,
                    config: TrainConfig, dist_info: Dist) -> Costs:
-    """What a time budget pays besides steps: evaluation per token, a save, and the plot."""
+    """What a time budget pays besides steps: evaluation per token, its sample, a save, and the plot."""
     probe = min(val_tokens, 2 * config.seq_len * (config.eval_batches or config.batch_size * dist_info.world_size))
     evaluate(min(probe, config.seq_len))  # the first call in eval mode builds its kernels
     start = time.perf_counter()
     evaluate(probe)
     eval_token = (time.perf_counter() - start) / probe
+    sample_seconds = 0.0
+    if sample is not None:  # rank 0 samples while the others wait at the next collective
+        sample.text()  # the first call pays one-time costs
+        start = time.perf_counter()
+        sample.text()
+        sample_seconds = time.perf_counter() - start
     start = time.perf_counter()
     save_last_now()
     save = time.perf_counter() - start
@@ -604,7 +732,7 @@ def _measure_costs(step_seconds: float, evaluate, save_last_now, run_dir: Path, 
     if dist_info.is_main:
         plot_losses(run_dir)
     finish = time.perf_counter() - start + EXIT_SECONDS
-    return Costs(**broadcast(Costs(step_seconds, eval_token, save, finish).__dict__, dist_info))
+    return Costs(**broadcast(Costs(step_seconds, eval_token, save, finish, sample_seconds).__dict__, dist_info))
 
 
 def _make_plan(state: dict, config: TrainConfig, costs: Costs | None, elapsed: float, steps_per_epoch: int,
@@ -675,9 +803,9 @@ def _over_budget(config: TrainConfig, elapsed: float, step_seconds: float, final
 
 # ---------------------------------------------------------------- evaluation and the end
 
-def _evaluate_and_save(evaluate, tokens: int | None, run_dir: Path, model, state: dict, dist_info: Dist,
-                       log) -> float:
-    """Evaluate; keep the weights if they are the best so far; log an eval row. Returns the bpc."""
+def _evaluate_and_save(evaluate, sample: "_Sample | None", tokens: int | None, run_dir: Path, model, state: dict,
+                       dist_info: Dist, log) -> float:
+    """Evaluate; keep the weights if they are the best so far; log an eval row and a sample. Returns the bpc."""
     val_loss, val_bpc, count = evaluate(tokens)
     if not math.isfinite(val_loss):
         raise TrainingError(f"validation loss is {val_loss} at step {state['step']}; training diverged; "
@@ -690,6 +818,8 @@ def _evaluate_and_save(evaluate, tokens: int | None, run_dir: Path, model, state
             ckpt.save_tensors(run_dir / ckpt.WEIGHTS_FILE, ckpt.model_tensors(model),
                               metadata={"step": str(state["step"]), "val_loss": repr(val_loss)})
     _log_eval(run_dir, state, val_loss, val_bpc, count, dist_info, log)
+    if sample is not None:
+        sample.record(run_dir, state, val_loss, log)
     return val_bpc
 
 
@@ -703,12 +833,12 @@ def _log_eval(run_dir: Path, state: dict, val_loss: float, val_bpc: float, token
             + (f" ({tokens:,} tokens)" if state.get("eval_tokens") else ""))
 
 
-def _interrupted(run_dir: Path, evaluate, save_last_now, model, state: dict, dist_info: Dist, log,
+def _interrupted(run_dir: Path, evaluate, sample, save_last_now, model, state: dict, dist_info: Dist, log,
                  eval_tokens: int | None) -> TrainResult:
     """Save what an interrupted run has, so that generate, evaluate and info accept it; then raise."""
     if state["best_val_loss"] is None:  # nothing to sample from yet: score the current weights and keep them
         if state.get("plan") is not None:
-            _evaluate_and_save(evaluate, eval_tokens, run_dir, model, state, dist_info, log)
+            _evaluate_and_save(evaluate, sample, eval_tokens, run_dir, model, state, dist_info, log)
         elif dist_info.is_main:  # stopped while calibrating: the untrained weights, unscored
             ckpt.save_tensors(run_dir / ckpt.WEIGHTS_FILE, ckpt.model_tensors(model), metadata={"step": "0"})
     state["status"], state["stop_reason"] = "interrupted", f"interrupted at step {state['step']}"
@@ -718,6 +848,51 @@ def _interrupted(run_dir: Path, evaluate, save_last_now, model, state: dict, dis
     barrier(dist_info)  # torchrun stops every rank when one exits: none may leave before rank 0 saved
     raise Interrupted(f"training interrupted at step {state['step']}; saved {run_dir}/{ckpt.LAST_DIR}; "
                       f"continue with: textrnn train --resume {run_dir}")
+
+
+class _Sample:
+    """The text sampled at each evaluation: a fixed prompt, seed and temperature, so that samples
+    differ only by the weights. It runs the Sampler's fast path (the model's stepper under
+    inference mode, in eval mode, drawing from its own seeded generator) and puts the train mode
+    back, so training's RNG state and numbers are the same with samples and without."""
+
+    def __init__(self, model: RNNLanguageModel, tokenizer: Tokenizer, device: torch.device, prompt: str,
+                 length: int, seed: int):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.prompt, self.length, self.seed = prompt, length, seed
+
+    def text(self) -> str:
+        from .sampling import Sampler
+
+        was_training = self.model.training
+        try:
+            sampler = Sampler(self.model, self.tokenizer, self.device, precision="fp32", engine="torch")
+            return sampler.generate(self.prompt, self.length, temperature=SAMPLE_TEMPERATURE, seed=self.seed)
+        finally:
+            self.model.train(was_training)
+
+    def record(self, run_dir: Path, state: dict, val_loss: float, log) -> None:
+        """Sample, append the row to samples.jsonl and show it in the log."""
+        start = time.perf_counter()
+        text = self.text()
+        state["sample_seconds"] = state.get("sample_seconds", 0.0) + time.perf_counter() - start
+        ckpt.append_metrics(run_dir, {"step": state["step"], "elapsed": state["elapsed"], "val_loss": val_loss,
+                                      "prompt": self.prompt, "temperature": SAMPLE_TEMPERATURE, "text": text},
+                            ckpt.SAMPLES_FILE)
+        log(f"step {state['step']} sample:\n" + textwrap.indent(self.prompt + text, "  | ", lambda line: True))
+
+
+def _sample_prompt(config: TrainConfig, tokenizer: Tokenizer, val_ids: np.ndarray) -> str:
+    """``sample_prompt``, checked against the vocabulary; by default the first line of the validation
+    text (with its newline), or empty."""
+    if config.sample_prompt is not None:
+        try:
+            tokenizer.encode(config.sample_prompt)
+        except InputError as exc:
+            raise InputError(f"sample prompt: {exc}") from None
+        return config.sample_prompt
+    head = tokenizer.decode(np.asarray(val_ids[:SAMPLE_PROMPT_TOKENS]).tolist()).strip("\ufffd")
+    return head[:head.index("\n") + 1] if "\n" in head else ""
 
 
 # ---------------------------------------------------------------- setup helpers
