@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from conftest import invoke
+from textrnn import budget
 from textrnn import checkpoint as ckpt
 from textrnn import training
 from textrnn.config import ModelConfig, TrainConfig
@@ -88,8 +89,8 @@ def steady_machine(monkeypatch):
     """A run that completes its calibrated plan. Replanning and the stop short of the budget react
     to the machine's speed, which a shared test machine cannot hold still, so they are switched
     off where bit-exactness is the point (the next tests check them)."""
-    monkeypatch.setattr(training, "REPLAN_TOLERANCE", math.inf)
-    monkeypatch.setattr(training, "_over_budget", lambda *args: False)
+    monkeypatch.setattr(budget, "REPLAN_TOLERANCE", math.inf)
+    monkeypatch.setattr(training, "over_budget", lambda *args: False)
 
 
 # ---------------------------------------------------------------- a time budget is a step plan

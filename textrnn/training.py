@@ -10,7 +10,6 @@ plot in ``plot.py``. Nothing here prints: messages go to the ``log`` callback, t
 
 from __future__ import annotations
 
-import copy
 import gc
 import math
 import os
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .config import ModelConfig, TrainConfig, finetune_model_config, format_duration
+from .config import ModelConfig, TrainConfig, format_duration
 from .data import Dataset, TrainStreams, is_dataset_dir, load_dataset, preprocess
 from .distributed import Dist, agree, barrier, broadcast, gather_hidden, gather_rng, init_distributed, reduce_step
 from .errors import CheckpointError, ConfigError, InputError, TextRNNError, TrainingError
@@ -39,17 +38,14 @@ from .model import RNNLanguageModel, State, detach_state
 from .plot import plot_losses
 from .runstate import data_fingerprint, restore, save_last
 from .runtime import autocast, choose_threads, resolve_precision, set_seed
-from .schedule import BUDGET_TARGET, EVALUATIONS, Costs, eval_interval, eval_token_cap, learning_rate, plan_steps
-from .tokenizers import Tokenizer, describe_chars, load_tokenizer
+from .budget import make_plan, measure_costs, over_budget, replan, rollback, snapshot, time_steps
+from .finetune import Base, base_record, check_base_tokenizer, read_base, start_from_base
+from .schedule import Costs, learning_rate
+from .tokenizers import Tokenizer
 
 DEFAULT_MAX_TIME = 600.0  # seconds, when no stopping rule is given
 DIVERGED_FACTOR = 3.0  # a loss above this many times ln(vocab) counts as a bad step
-DEFAULT_EVAL_TOKENS = 1 << 20  # periodic evaluations of a step-limited run read at most this much
-CALIBRATION_SHARE, CALIBRATION_MIN, CALIBRATION_MAX = 0.02, 0.3, 5.0  # seconds of timed calibration steps
-CALIBRATION_WARMUP = 2  # untimed first steps (oneDNN builds its kernels on the first calls)
 INTERRUPT_EVAL_TOKENS = 1 << 16  # a run stopped before its first evaluation scores this much to save a best
-REPLAN_TOLERANCE = 0.03  # a time budget is replanned when it would end further than this share away
-EXIT_SECONDS = 1.0  # after the summary: the interpreter and torch shutting down
 PLAIN_LOG_SECONDS = 15.0  # a progress line this often when stderr is not a terminal
 SAMPLE_TEMPERATURE = 0.8  # of the text sampled at each evaluation
 SAMPLE_PROMPT_TOKENS = 200  # the default sample prompt is the first line of at most this much validation text
@@ -129,7 +125,7 @@ def train(inputs: list[str | os.PathLike] | None = None, out_dir: str | os.PathL
     ``inputs`` is text files, a directory of them, or one directory made by ``preprocess``.
     ``resume_overrides`` changes what a resumed run may change (``config.RESUME_OVERRIDES``).
     ``init_from=RUN_DIR`` fine-tunes: a new run that starts from that run's best weights, model
-    and tokenizer (``model_config`` may then change only the dropout; see ``_read_base``).
+    and tokenizer (``model_config`` may then change only the dropout; see ``read_base``).
     ``tokenizer`` is ``char`` unless given, or the base's with ``init_from``.
     ``should_stop(step)`` lets a caller stop at a step boundary, as a signal would. ``started``
     (a ``time.perf_counter()`` value) is when the time budget began: the process's start for the
@@ -179,7 +175,7 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
         run_dir = Path(resume)
         config = _setup_resume(run_dir, overrides)
     else:
-        base = _read_base(Path(init_from), model_config, data_settings) if init_from else None
+        base = read_base(Path(init_from), model_config, data_settings) if init_from else None
         model_config = base.model_config if base else (model_config or ModelConfig())
         train_config = train_config or TrainConfig()
         resolve_precision(train_config.precision, device)  # fail before a half-made run directory blocks --out
@@ -227,7 +223,7 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
     set_seed(train_config.seed)
     model = RNNLanguageModel(model_config).to(device)
     if not resume and config.get("init_from"):  # fine-tuning: the base's weights (a resumed run has its own)
-        _start_from_base(model, Path(config["init_from"]["path"]), dataset.tokenizer)
+        start_from_base(model, Path(config["init_from"]["path"]), dataset.tokenizer)
     if dist_info.enabled:  # the same initial weights everywhere, but each rank its own dropout masks
         torch.manual_seed(train_config.seed + 7919 * dist_info.rank)
     optimizer = _optimizer(model, train_config, fused_ok=device.type in ("cuda", "cpu"))
@@ -344,16 +340,16 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
             costs = None
             if train_config.max_time:  # time a few real steps, then take them back
                 model.train()
-                saved = _snapshot(model, optimizer, state, hidden)
-                step_seconds = _time_steps(train_step, train_config, clock, signals, dist_info, device)
-                hidden = _rollback(saved, model, optimizer, state)
+                saved = snapshot(model, optimizer, state, hidden)
+                step_seconds = time_steps(train_step, train_config, clock, signals, dist_info, device)
+                hidden = rollback(saved, model, optimizer, state)
                 if step_seconds is None:  # a signal came while calibrating
                     state["elapsed"] = clock()
                     return _interrupted(run_dir, evaluate, sample, save_last_now, model, state, dist_info, log,
                                         None)
-                costs = _measure_costs(step_seconds, evaluate, sample, save_last_now, run_dir, len(val_ids) - 1,
+                costs = measure_costs(step_seconds, evaluate, sample, save_last_now, run_dir, len(val_ids) - 1,
                                        train_config, dist_info)
-            _make_plan(state, train_config, costs, agree(clock(), False, dist_info, device)[0],
+            make_plan(state, train_config, costs, agree(clock(), False, dist_info, device)[0],
                        streams.steps_per_epoch, len(val_ids) - 1, limits, dist_info, log)
         plan, eval_tokens = state["plan"], state["eval_tokens"]
         costs = Costs(**state["costs"]) if state.get("costs") else None
@@ -387,7 +383,7 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
                 if interrupted:
                     stop_reason = f"interrupted ({interrupt or 'another rank'})"
                     break
-                if _over_budget(train_config, elapsed, step_seconds, final_cost):
+                if over_budget(train_config, elapsed, step_seconds, final_cost):
                     stop_reason = (f"time budget: stopped at step {state['step']} of the planned {plan}, "
                                    f"as the machine ran slower than calibrated")
                     break
@@ -434,7 +430,7 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
                     state["elapsed"] = clock()
                     if train_config.max_time and step > interval_start[0]:  # the speed since the last evaluation
                         speed = (state["elapsed"] - interval_start[1]) / (step - interval_start[0])
-                        plan = _replan(state, train_config, costs, speed, len(val_ids) - 1, dist_info, log)
+                        plan = replan(state, train_config, costs, speed, len(val_ids) - 1, dist_info, log)
                     last_val_bpc = _evaluate_and_save(evaluate, sample, eval_tokens, run_dir, model, state,
                                                       dist_info, log)
                     state["next_eval"] = step + state["eval_every"]
@@ -469,7 +465,7 @@ def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config,
                        plan, state.get("last_val_loss"), time.perf_counter() - started - preprocess_time, preprocess_time)
 
 
-def _setup_new(dist_info, inputs, out_dir, model_config, train_config, base: "_Base | None", tokenizer, vocab_size,
+def _setup_new(dist_info, inputs, out_dir, model_config, train_config, base: "Base | None", tokenizer, vocab_size,
                val_fraction, errors, progress, log) -> tuple[Path, dict, float]:
     """Rank 0 creates the run directory (preprocessing raw text into it) and writes config.json;
     returns the directory, the config and the seconds spent preprocessing. A fine-tuned run
@@ -502,7 +498,7 @@ def _setup_new(dist_info, inputs, out_dir, model_config, train_config, base: "_B
             preprocess_time = time.perf_counter() - preprocess_start
         dataset = load_dataset(data_dir)
         if base:
-            _check_base_tokenizer(base, dataset)
+            check_base_tokenizer(base, dataset)
         _check_enough_data(dataset, train_config, dist_info.world_size)  # before config.json makes this a run
         if train_config.sample_length:
             _sample_prompt(train_config, dataset.tokenizer, dataset.split("val"))  # a prompt it can encode
@@ -517,105 +513,13 @@ def _setup_new(dist_info, inputs, out_dir, model_config, train_config, base: "_B
             "world_size": dist_info.world_size, "torch": torch.__version__,
         }
         if base:
-            config["init_from"] = _base_record(base, dataset.tokenizer, log)
+            config["init_from"] = base_record(base, dataset.tokenizer, log)
         ckpt.write_json(run_dir / ckpt.CONFIG_FILE, config)
     except BaseException:
         if created:  # a run that cannot start leaves nothing behind (not even the preprocessed data)
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return run_dir, config, preprocess_time
-
-
-@dataclass
-class _Base:
-    """The run a fine-tuned run starts from (``init_from``)."""
-
-    path: Path
-    tokenizer: Tokenizer
-    model_config: ModelConfig  # the new run's model: the base's, maybe with another dropout
-
-
-def _read_base(path: Path, model_config: ModelConfig | None, data_settings: dict) -> _Base:
-    """The base run at ``path``, checked against the new run's settings: its model shape, tokenizer
-    and vocabulary are kept, so settings that contradict them are refused (ConfigError)."""
-    config = ckpt.run_config(path)  # a directory that is not a run: CheckpointError
-    try:
-        base_model = ModelConfig.from_dict(config["model"], str(path / ckpt.CONFIG_FILE))
-    except ConfigError as exc:
-        raise CheckpointError(str(exc)) from None
-    tokenizer = load_tokenizer(path)
-    kind = data_settings["tokenizer"]
-    if kind is not None and kind != tokenizer.kind:
-        raise ConfigError(f"{path}: the base run has a {tokenizer.kind} tokenizer, which a fine-tuned run keeps "
-                          f"(got tokenizer {kind}); drop --tokenizer")
-    if data_settings["vocab_size"] is not None:
-        raise ConfigError(f"{path}: a fine-tuned run keeps the base run's vocabulary; drop --vocab-size")
-    model = finetune_model_config(base_model, model_config.to_dict() if model_config else {}, str(path))
-    return _Base(path.resolve(), tokenizer, model)
-
-
-def _check_base_tokenizer(base: _Base, dataset: Dataset) -> None:
-    """A preprocessed directory must have been encoded as the base's tokenizer would (char
-    vocabularies may differ: their rows are mapped by character)."""
-    mine = dataset.tokenizer
-    if mine.kind != base.tokenizer.kind:
-        raise ConfigError(f"{dataset.path}: preprocessed with a {mine.kind} tokenizer, but the base run "
-                          f"{base.path} has a {base.tokenizer.kind} one; give the raw text instead")
-    if getattr(mine, "model_proto", None) != getattr(base.tokenizer, "model_proto", None):
-        raise ConfigError(f"{dataset.path}: preprocessed with another SentencePiece model than the base run "
-                          f"{base.path}'s; give the raw text, so that it is encoded with the base's")
-
-
-def _base_record(base: _Base, tokenizer: Tokenizer, log) -> dict:
-    """What config.json keeps of the base (``info`` shows it), logged in one line."""
-    evals = [r for r in ckpt.read_metrics(base.path) if r.get("kind") == "eval"]
-    best = min(evals, key=lambda r: r["val_loss"]) if evals else {}
-    record = {"path": str(base.path), "step": best.get("step"), "val_loss": best.get("val_loss"),
-              "tokenizer": base.tokenizer.kind}
-    if tokenizer.kind == "char":
-        added = sorted(base.tokenizer.unknown_chars("".join(tokenizer.chars)))
-        record["added_chars"] = "".join(added)
-        detail = (f"{len(added)} new character(s) added to its vocabulary of {base.tokenizer.vocab_size}"
-                  + (f": {describe_chars(added)}" if added else ""))
-    elif tokenizer.kind == "byte":
-        detail = "byte tokenizer, nothing to map"
-    else:
-        detail = f"its {tokenizer.kind} tokenizer encodes the new text (pieces it cannot form as bytes)"
-    log(f"starting from {base.path} (step {record['step']}, val loss "
-        f"{'-' if best.get('val_loss') is None else format(best['val_loss'], '.4f')}): {detail}")
-    return record
-
-
-VOCABULARY_TENSORS = ("embedding.weight", "head.weight", "head.bias")  # one row per token id
-
-
-def _start_from_base(model: RNNLanguageModel, base_dir: Path, tokenizer: Tokenizer) -> None:
-    """Copy the base run's best weights into a new model. A char vocabulary's rows follow their
-    characters (the unknown id's row goes to the new unknown id); a character the base lacks
-    starts from the mean of the base's character rows."""
-    path = base_dir / ckpt.WEIGHTS_FILE
-    if not path.is_file():  # a base stopped before its first evaluation: its latest weights
-        path = ckpt.last_dir(base_dir) / ckpt.WEIGHTS_FILE
-    tensors = ckpt.load_tensors(path)
-    if model.config.tie_weights:  # stored once, as the embedding
-        tensors["head.weight"] = tensors["embedding.weight"]
-    base_tokenizer = load_tokenizer(base_dir)
-    if tokenizer.kind == "char":  # byte and SentencePiece ids mean what they meant: nothing to map
-        index = {c: i for i, c in enumerate(base_tokenizer.chars)}
-        rows = torch.tensor([index.get(c, -1) for c in tokenizer.chars] + [base_tokenizer.unk_id])  # (V,)
-        known = rows >= 0
-        characters = torch.arange(base_tokenizer.vocab_size) != base_tokenizer.unk_id  # (V_base,)
-        for name in VOCABULARY_TENSORS:
-            source = tensors[name]  # (V_base, ...) or (V_base,)
-            if source.shape[0] != base_tokenizer.vocab_size:
-                raise CheckpointError(f"{path}: {name} has {source.shape[0]} rows, the base's vocabulary "
-                                      f"{base_tokenizer.vocab_size}")
-            grown = source.new_empty((len(rows),) + tuple(source.shape[1:]))
-            grown[known] = source[rows[known]]
-            grown[~known] = source[characters].mean(0)
-            tensors[name] = grown
-    ckpt.check_weights(model, tensors, path)  # names, shapes, dtypes, finite
-    model.load_state_dict(tensors)
 
 
 def _data_path_for_config(data_dir: Path, run_dir: Path) -> str:
@@ -664,141 +568,6 @@ def _what_is_kept(run_dir: Path) -> str:
 
 def _check_finite(model: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters())
-
-
-# ---------------------------------------------------------------- the plan
-
-def _snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, hidden: State) -> dict:
-    """Everything a training step changes, copied, so that calibration steps can be taken back."""
-    return {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
-            "state": copy.deepcopy(state), "hidden": tuple(h.clone() for h in hidden),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _rollback(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> State:
-    """Put back what ``_snapshot`` copied; returns the hidden state to carry on with."""
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    state.clear()
-    state.update(saved["state"])
-    torch.set_rng_state(saved["rng"])
-    if saved["cuda_rng"] is not None:
-        torch.cuda.set_rng_state_all(saved["cuda_rng"])
-    return saved["hidden"]
-
-
-def _time_steps(train_step, config: TrainConfig, clock, signals, dist_info: Dist, device) -> float | None:
-    """Seconds per training step: the median of a few real steps after two untimed ones (oneDNN
-    builds its kernels on the first calls). None if a signal came first."""
-    target = min(max(CALIBRATION_SHARE * (config.max_time - clock()), CALIBRATION_MIN), CALIBRATION_MAX)
-    times: list[float] = []
-    begun = None
-    for step in range(10**9):
-        spent = 0.0 if begun is None else time.perf_counter() - begun
-        spent, interrupted = agree(spent, bool(signals.received), dist_info, device)  # the same on every rank
-        if interrupted:
-            return None
-        if times and ((len(times) >= 3 and spent >= target) or spent >= 3 * target):
-            break
-        start = time.perf_counter()
-        train_step(learning_rate(config, step, 10**9))  # taken back afterwards, so any sensible rate does
-        if step >= CALIBRATION_WARMUP:
-            times.append(time.perf_counter() - start)
-            begun = begun or start
-    return float(np.median(times))
-
-
-def _measure_costs(step_seconds: float, evaluate, sample, save_last_now, run_dir: Path, val_tokens: int,
-                   config: TrainConfig, dist_info: Dist) -> Costs:
-    """What a time budget pays besides steps: evaluation per token, its sample, a save, and the plot."""
-    probe = min(val_tokens, 2 * config.seq_len * (config.eval_batches or config.batch_size * dist_info.world_size))
-    evaluate(min(probe, config.seq_len))  # the first call in eval mode builds its kernels
-    start = time.perf_counter()
-    evaluate(probe)
-    eval_token = (time.perf_counter() - start) / probe
-    sample_seconds = 0.0
-    if sample is not None:  # rank 0 samples while the others wait at the next collective
-        sample.text()  # the first call pays one-time costs
-        start = time.perf_counter()
-        sample.text()
-        sample_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    save_last_now()
-    save = time.perf_counter() - start
-    if dist_info.is_main:
-        plot_losses(run_dir)  # the first call imports matplotlib: paid now, once
-    start = time.perf_counter()
-    if dist_info.is_main:
-        plot_losses(run_dir)
-    finish = time.perf_counter() - start + EXIT_SECONDS
-    return Costs(**broadcast(Costs(step_seconds, eval_token, save, finish, sample_seconds).__dict__, dist_info))
-
-
-def _make_plan(state: dict, config: TrainConfig, costs: Costs | None, elapsed: float, steps_per_epoch: int,
-               val_tokens: int, limits: dict, dist_info: Dist, log) -> None:
-    """Record in ``state`` the planned steps and why they end, the evaluation interval and tokens."""
-    candidates = []
-    if config.max_steps:
-        candidates.append((config.max_steps, f"reached max_steps {config.max_steps}"))
-    if config.epochs:
-        candidates.append((max(1, int(config.epochs * steps_per_epoch)), f"finished {config.epochs:g} epoch(s)"))
-    cap = min(candidates)[0] if candidates else None  # the step and epoch limits bound any replanning
-    eval_tokens = config.eval_tokens
-    if config.max_time:
-        budget_left = config.max_time - elapsed
-        if eval_tokens is None:
-            eval_tokens = eval_token_cap(costs, budget_left, val_tokens)
-        steps = state["step"] + plan_steps(config, costs, budget_left, val_tokens, eval_tokens or val_tokens)
-        candidates.append((steps, f"completed the {steps:,} steps planned for {format_duration(config.max_time)}"))
-    elif eval_tokens is None and val_tokens > DEFAULT_EVAL_TOKENS:
-        eval_tokens = DEFAULT_EVAL_TOKENS
-    if eval_tokens is not None and eval_tokens >= val_tokens:
-        eval_tokens = None
-    plan, reason = min(candidates)
-    plan = broadcast(plan, dist_info)  # rank 0's clock decides
-    eval_tokens = broadcast(eval_tokens, dist_info)
-    every = eval_interval(config, plan)
-    state.update(plan=plan, plan_cap=cap, plan_reason=broadcast(reason, dist_info), eval_every=every,
-                 next_eval=(state["step"] // every + 1) * every, evaluations_planned=EVALUATIONS, eval_tokens=eval_tokens,
-                 limits=limits, costs=costs.__dict__ if costs else None)
-    if costs:
-        log(f"time budget {format_duration(config.max_time)}: {costs.step * 1000:.0f} ms a step, so a plan of "
-            f"{plan:,} steps, evaluating every {state['eval_every']:,}"
-            + (f" on the first {eval_tokens:,} validation tokens (the last evaluation is complete)"
-               if eval_tokens else ""))
-
-
-def _replan(state: dict, config: TrainConfig, costs: Costs, step_seconds: float, val_tokens: int,
-            dist_info: Dist, log) -> int:
-    """At an evaluation: if the rest of the plan, at the speed of the last interval, would end more
-    than 3% of the budget away from it, plan again, so that the schedule ends as the budget does."""
-    plan, step, every = state["plan"], state["step"], state["eval_every"]
-    periodic = costs.evaluation(state["eval_tokens"] or val_tokens) + 2 * costs.save
-    final = costs.evaluation(val_tokens) + 2 * costs.save + costs.finish
-    left = config.max_time - state["elapsed"]
-    projected = (plan - step) * step_seconds + ((plan - step) // every + 1) * periodic + final
-    new_plan = plan
-    if abs(projected - left * BUDGET_TARGET) > REPLAN_TOLERANCE * config.max_time:
-        room = left * BUDGET_TARGET - final - periodic
-        new_plan = step + max(1, int(room / (step_seconds + periodic / every)))
-        new_plan = min(new_plan, state.get("plan_cap") or new_plan)
-    new_plan = broadcast(new_plan, dist_info)
-    if new_plan != plan:
-        log(f"step {step}: {step_seconds * 1000:.0f} ms a step since the last evaluation; the plan is now "
-            f"{new_plan:,} steps instead of {plan:,}")
-        state["plan"] = new_plan
-        state["plan_reason"] = (f"completed the {new_plan:,} steps replanned for "
-                                f"{format_duration(config.max_time)}")
-        if not config.eval_every:  # the evaluations still to come, spread over the new rest of the plan
-            evaluations_left = max(1, EVALUATIONS - state.get("evaluations_done", 0) - 1)
-            state["eval_every"] = max(1, (new_plan - step) // evaluations_left)
-    return new_plan
-
-
-def _over_budget(config: TrainConfig, elapsed: float, step_seconds: float, final_cost: float) -> bool:
-    """Whether one more step would leave too little of a time budget for the final evaluation and save."""
-    return bool(config.max_time) and elapsed + step_seconds + final_cost > config.max_time
 
 
 # ---------------------------------------------------------------- evaluation and the end
