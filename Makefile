@@ -37,7 +37,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/preprocess.py --size-mb 1024
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/sampling.py
-	$(BIN)/python bench/sampling.py --preset small --cell gru --quick
+	$(BIN)/python bench/sampling.py --preset small --cell lstm --quick
+	$(BIN)/python bench/threads.py
+	$(BIN)/python bench/threads.py --precision fp32
 	$(BIN)/python bench/ddp_scaling.py
 	$(BIN)/python bench/sweep.py --minutes 2 --presets small --cells gru lstm rnn
 	$(BIN)/python bench/sweep.py --minutes 2 --presets medium large --cells gru

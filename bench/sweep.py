@@ -50,7 +50,7 @@ def main() -> None:
                 for cell in args.cells:
                     for precision in precisions:
                         start = time.perf_counter()
-                        curve = run_textrnn(data_dir, minutes, evals=3, model_overrides={"preset": name, "cell": cell},
+                        curve = run_textrnn(data_dir, minutes, model_overrides={"preset": name, "cell": cell},
                                             train_overrides={"precision": precision}, log=lambda _: None)
                         row = {"minutes": minutes, "preset": name, "cell": cell, "precision": precision,
                                "val_loss": curve[-1]["val_loss"], "best": min(r["val_loss"] for r in curve),

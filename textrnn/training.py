@@ -143,9 +143,11 @@ def train(inputs: list[str | os.PathLike] | None = None, out_dir: str | os.PathL
     dist_info, device = init_distributed(device_name)
     threads_before = torch.get_num_threads()
     try:
-        return _train(dist_info, device, inputs, out_dir, model_config, train_config, resume, overrides, init_from,
-                      dict(tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction, errors=errors),
-                      progress, log, should_stop, started)
+        return _train(dist_info, device, inputs=inputs, out_dir=out_dir, model_config=model_config,
+                      train_config=train_config, resume=resume, overrides=overrides, init_from=init_from,
+                      data_settings=dict(tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
+                                         errors=errors),
+                      progress=progress, log=log, should_stop=should_stop, started=started)
     except BaseException as exc:
         if dist_info.owns_group:  # the traceback would keep the DDP wrapper alive past its group: see below
             traceback.clear_frames(exc.__traceback__)
@@ -162,8 +164,10 @@ def train(inputs: list[str | os.PathLike] | None = None, out_dir: str | os.PathL
                 dist.destroy_process_group()
 
 
-def _train(dist_info: Dist, device: torch.device, inputs, out_dir, model_config, train_config, resume, overrides,
-           init_from, data_settings: dict, progress: bool, log, should_stop, started: float) -> TrainResult:
+def _train(dist_info: Dist, device: torch.device, *, inputs, out_dir, model_config: ModelConfig | None,
+           train_config: TrainConfig | None, resume, overrides: dict, init_from, data_settings: dict, progress: bool,
+           log: Callable[[str], None], should_stop, started: float) -> TrainResult:
+    """``train`` on this process's rank and device: the arguments are train's, named."""
     log = log if dist_info.is_main else _NO_LOG
     progress = progress and dist_info.is_main
     # before anything is written: TEXTRNN_THREADS may be wrong, and the load is read before the work starts
