@@ -111,3 +111,15 @@ def tiny_corpus(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.txt"
     path.write_text("".join(lines) + "\n\u65e5\u672c\u8a9e \U0001F600\n", encoding="utf-8")
     return path
+
+
+def sentence_corpus(sentences: tuple[str, ...], chars: int, seed: int = 0) -> str:
+    """A small learnable text: ``sentences`` in a random order (not one loop), cut to ``chars``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    parts, size = [], 0
+    while size < chars:
+        parts.append(sentences[rng.integers(len(sentences))])
+        size += len(parts[-1])
+    return "".join(parts)[:chars]

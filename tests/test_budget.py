@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import invoke
+from conftest import invoke, sentence_corpus
 from textrnn import budget
 from textrnn import checkpoint as ckpt
 from textrnn import training
@@ -36,12 +36,7 @@ WORDS = ("the cat sat on the mat. ", "a dog ran to the log. ", "no hen is in the
 
 
 def _corpus(chars: int) -> str:
-    parts, size, index = [], 0, 0
-    while size < chars:
-        parts.append(WORDS[(index * 7 + index // 3) % len(WORDS)])
-        size += len(parts[-1])
-        index += 1
-    return "".join(parts)[:chars]
+    return sentence_corpus(WORDS, chars)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import invoke
+from conftest import invoke, sentence_corpus
 from textrnn import checkpoint as ckpt
 from textrnn.config import ModelConfig, TrainConfig
 from textrnn.sampling import Sampler
@@ -28,15 +28,6 @@ from textrnn.training import Interrupted, train
 
 BASE_SENTENCES = ("the cat sat on the mat. ", "a dog ran to the log.\n", "no hen is in the pen. ")
 NEW_SENTENCES = ("the caf\u00e9 sat on the mat. ", "ZEBRA ran to the log!\n", "no hen is in the pen? ")
-
-
-def _corpus(sentences: tuple[str, ...], chars: int, seed: int = 0) -> str:
-    rng = np.random.default_rng(seed)
-    parts, size = [], 0
-    while size < chars:
-        parts.append(sentences[rng.integers(len(sentences))])
-        size += len(parts[-1])
-    return "".join(parts)[:chars]
 
 
 def tiny_model(**overrides) -> ModelConfig:
@@ -54,8 +45,8 @@ def tiny_train(**overrides) -> TrainConfig:
 def texts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("texts")
     paths = {"base": root / "base.txt", "new": root / "new.txt"}
-    paths["base"].write_text(_corpus(BASE_SENTENCES, 5000), encoding="utf-8")
-    paths["new"].write_text(_corpus(NEW_SENTENCES, 5000, seed=1), encoding="utf-8")
+    paths["base"].write_text(sentence_corpus(BASE_SENTENCES, 5000), encoding="utf-8")
+    paths["new"].write_text(sentence_corpus(NEW_SENTENCES, 5000, seed=1), encoding="utf-8")
     return paths
 
 

@@ -22,6 +22,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import sentence_corpus
+
 from textrnn import checkpoint as ckpt
 from textrnn import training
 from textrnn.cli import app
@@ -37,12 +39,7 @@ SENTENCES = ("the cat sat on the mat. ", "a dog ran to the log. ", "no hen is in
 
 def _corpus(chars: int, seed: int = 0) -> str:
     """A text with ~20 symbols: short sentences in a random order (learnable, not one loop)."""
-    rng = np.random.default_rng(seed)
-    parts, size = [], 0
-    while size < chars:
-        parts.append(SENTENCES[rng.integers(len(SENTENCES))])
-        size += len(parts[-1])
-    return "".join(parts)[:chars]
+    return sentence_corpus(SENTENCES, chars, seed)
 
 
 @pytest.fixture(scope="module")
