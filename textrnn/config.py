@@ -245,8 +245,11 @@ SHAPE_KEYS = ("cell", "num_layers", "hidden_size", "embedding_dim", "tie_weights
 
 
 def help_text(config_class: type, name: str) -> str:
-    """A setting's help with its default, for ``--help``: the dataclass field is the one source."""
+    """A setting's help with its default, for ``--help``: the dataclass field is the one source
+    (a model size's default is the preset's)."""
     item = next(f for f in dataclasses.fields(config_class) if f.name == name)
+    if config_class is ModelConfig and name in PRESETS[DEFAULT_PRESET]:
+        return item.metadata["help"] + " [default: the preset's]"
     default = item.default
     shown = "" if default is None else f" [default: {format_duration(default) if name == 'max_time' else default}]"
     return item.metadata["help"] + shown
