@@ -279,7 +279,7 @@ def main() -> None:
     if "onnxruntime" in stream:
         best_torch = max(stream[p] for p in precisions if p != "onnxruntime")
         ratio = stream["onnxruntime"] / best_torch
-        print(f"goal (issue 14): onnxruntime >= 1.5x the best torch path at batch 1: "
+        print(f"goal: onnxruntime >= 1.5x the best torch path at batch 1: "
               f"{'met' if ratio >= 1.5 else 'NOT met'} ({ratio:.2f}x)")
         if not args.quick:
             print()
