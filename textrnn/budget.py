@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from .config import TrainConfig, format_duration
-from .distributed import Dist, State, agree, broadcast
+from .distributed import Dist, agree, broadcast
+from .model import State
 from .plot import plot_losses
 from .schedule import BUDGET_TARGET, EVALUATIONS, Costs, eval_interval, eval_token_cap, learning_rate, plan_steps
 
@@ -131,8 +132,7 @@ def replan(state: dict, config: TrainConfig, costs: Costs, step_seconds: float, 
     """At an evaluation: if the rest of the plan, at the speed of the last interval, would end more
     than 3% of the budget away from it, plan again, so that the schedule ends as the budget does."""
     plan, step, every = state["plan"], state["step"], state["eval_every"]
-    periodic = costs.evaluation(state["eval_tokens"] or val_tokens) + 2 * costs.save
-    final = costs.evaluation(val_tokens) + 2 * costs.save + costs.finish
+    periodic, final = costs.periodic(state["eval_tokens"] or val_tokens), costs.final(val_tokens)
     left = config.max_time - state["elapsed"]
     projected = (plan - step) * step_seconds + ((plan - step) // every + 1) * periodic + final
     new_plan = plan

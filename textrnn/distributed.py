@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .model import State
 from .runtime import resolve_device
 
-State = tuple[torch.Tensor, ...]
 
 
 @dataclass

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .distributed import Dist, State
+from .distributed import Dist
+from .model import State
 from .errors import CheckpointError
 
 FINGERPRINT_BLOCKS = 16  # blocks read from a data file for its fingerprint, whatever its size

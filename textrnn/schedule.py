@@ -62,6 +62,14 @@ class Costs:
         """One evaluation of ``tokens`` validation tokens, its sample included."""
         return tokens * self.eval_token + self.sample
 
+    def periodic(self, tokens: int) -> float:
+        """An evaluation during the run and the saves after it (best weights and last/)."""
+        return self.evaluation(tokens) + 2 * self.save
+
+    def final(self, val_tokens: int) -> float:
+        """What follows the last step: the complete evaluation, the saves, the plot and the exit."""
+        return self.periodic(val_tokens) + self.finish
+
 
 def eval_token_cap(costs: Costs, budget_left: float, val_tokens: int) -> int | None:
     """Tokens per periodic evaluation so that 10 of them take at most 10% of the budget
@@ -77,8 +85,7 @@ def plan_steps(config: TrainConfig, costs: Costs, budget_left: float, val_tokens
     Periodic evaluations cost ``eval_tokens`` each and there are 10 of them (or one per
     ``eval_every`` steps); the final evaluation is complete. The plan aims at 98.5% of the budget.
     """
-    final = costs.evaluation(val_tokens) + 2 * costs.save + costs.finish
-    periodic = costs.evaluation(eval_tokens) + 2 * costs.save
+    final, periodic = costs.final(val_tokens), costs.periodic(eval_tokens)
     room = budget_left * BUDGET_TARGET - final
     if config.eval_every:
         steps = room / (costs.step + periodic / config.eval_every)

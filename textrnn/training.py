@@ -45,7 +45,6 @@ from .tokenizers import Tokenizer
 
 DEFAULT_MAX_TIME = 600.0  # seconds, when no stopping rule is given
 DIVERGED_FACTOR = 3.0  # a loss above this many times ln(vocab) counts as a bad step
-INTERRUPT_EVAL_TOKENS = 1 << 16  # a run stopped before its first evaluation scores this much to save a best
 PLAIN_LOG_SECONDS = 15.0  # a progress line this often when stderr is not a terminal
 SAMPLE_TEMPERATURE = 0.8  # of the text sampled at each evaluation
 SAMPLE_PROMPT_TOKENS = 200  # the default sample prompt is the first line of at most this much validation text
@@ -357,7 +356,7 @@ def _train(dist_info: Dist, device: torch.device, *, inputs, out_dir, model_conf
                        streams.steps_per_epoch, len(val_ids) - 1, limits, dist_info, log)
         plan, eval_tokens = state["plan"], state["eval_tokens"]
         costs = Costs(**state["costs"]) if state.get("costs") else None
-        final_cost = (costs.evaluation(len(val_ids)) + 2 * costs.save + costs.finish) if costs else 0.0
+        final_cost = costs.final(len(val_ids) - 1) if costs else 0.0
 
         # ---- the loop
         tokens_per_step = batch * train_config.seq_len * dist_info.world_size
