@@ -1,24 +1,38 @@
-"""Quality at equal CPU time: textrnn's default against a small GPT baseline on tiny Shakespeare.
+"""Quality at equal CPU time: textrnn's default against its peers, at several budgets, on one corpus.
 
-Both train on the same 90/10 character split under the same wall-clock budget, back to back in
-one process, and report validation loss (nats/char over the whole val split) against minutes.
-textrnn's clock is the trainer's own ``--max-time`` wall clock, evaluations included; the
-baseline's clock pauses while it evaluates, which favours the baseline slightly.
+Three systems train on the same 90/10 character split of one corpus and report validation loss
+(nats/char over the whole validation split) against training minutes:
 
-    python bench/quality.py --minutes 10            # table + bench/results/quality.png
-    python bench/quality.py --minutes 2 --no-baseline --preset small --cell gru
-    python bench/quality.py --set dropout=0.1 --baseline-from bench/results/quality-STAMP.json
+- textrnn's default (``textrnn train corpus --max-time M``, the LSTM), one run per budget. Its
+  clock is the trainer's own wall clock, evaluations included.
+- the GPT baseline (``bench/baselines/gpt.py``, nanoGPT's CPU recipe for shakespeare_char), one run
+  per budget, as its cosine schedule is laid out over the budget;
+- the char-rnn recipe (``bench/baselines/charrnn.py``, char-rnn's own defaults in plain PyTorch),
+  one run of the longest budget: its schedule does not know the budget, so it is evaluated at
+  each shorter budget on the way.
 
-``--baseline-from`` takes the baseline's curve from an earlier result file (same machine, same
-budget) instead of training it again: 10 minutes saved per textrnn setting tried.
+The baselines' clocks pause while they evaluate, which favours them slightly.
+
+    python bench/quality.py                                   # tiny Shakespeare, 10 min, all three
+    python bench/quality.py --minutes 2 10 30                 # three budgets, one figure
+    python bench/quality.py --corpus python --minutes 2 10 30 # the Python standard library (4.7 MB)
+    python bench/quality.py --only textrnn --set weight_drop=0.2 --minutes 10
+    python bench/quality.py --reuse bench/results/quality-STAMP.json --only textrnn
+
+``--reuse`` takes the other systems' results from an earlier result file of the same corpus and
+machine, so that trying a textrnn setting does not train the peers again. The table, a JSON record
+and a figure (final loss against budget, and the curves of the longest budget) go to
+``bench/results/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +51,15 @@ from textrnn.training import train  # noqa: E402
 
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 RESULTS = ROOT / "bench" / "results"
-BASELINE = "GPT baseline 0.8M"
+SYSTEMS = ("textrnn", "gpt", "charrnn")
+LABELS = {"textrnn": "textrnn (default LSTM)", "gpt": "GPT baseline 0.8M (nanoGPT CPU recipe)",
+          "charrnn": "char-rnn recipe (2x128 LSTM, RMSprop)"}
+
+
+def python_corpus() -> str:
+    """The Python standard library's top-level modules, in name order: what ``make demo`` trains on."""
+    files = sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/*.py"))
+    return "".join(Path(f).read_text(encoding="utf-8") for f in files)
 
 
 def run_textrnn(data_dir: Path, minutes: float, model_overrides: dict | None = None,
@@ -62,42 +84,81 @@ def run_textrnn(data_dir: Path, minutes: float, model_overrides: dict | None = N
     return rows
 
 
-def plot(curves: dict[str, list[dict]], path: Path, title: str) -> None:
+def final(rows: list[dict]) -> float:
+    return rows[-1]["val_loss"]
+
+
+def charrnn_at(rows: list[dict], minutes: float) -> list[dict]:
+    """The char-rnn rows up to a budget (its run evaluates at each budget on the way)."""
+    return [r for r in rows if r["minutes"] <= minutes + 1e-6]
+
+
+def plot(runs: dict[str, dict[str, list[dict]]], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, rows in curves.items():
-        ax.plot([r["minutes"] for r in rows], [r["val_loss"] for r in rows], "o-", label=label)
-    ax.axhline(1.45, color="grey", linestyle="--", linewidth=1, label="goal 1.45")
-    ax.set_xlabel("training wall-clock minutes")
-    ax.set_ylabel("val loss (nats/char)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    budgets = sorted({float(m) for by_budget in runs.values() for m in by_budget})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+    for system, by_budget in runs.items():
+        points = sorted((float(m), final(rows)) for m, rows in by_budget.items() if rows)
+        left.plot([m for m, _ in points], [v for _, v in points], "o-", label=LABELS.get(system, system))
+        for m, v in points:
+            left.annotate(f"{v:.3f}", (m, v), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        longest = by_budget.get(_key(max(budgets)))
+        if longest:
+            right.plot([r["minutes"] for r in longest], [r["val_loss"] for r in longest], ".-",
+                       label=LABELS.get(system, system))
+    left.set_xscale("log")
+    left.set_xticks(budgets, [f"{m:g}" for m in budgets])
+    left.set_xlabel("budget (minutes of training)")
+    left.set_ylabel("val loss at the end (nats/char)")
+    left.set_title("after each budget")
+    right.set_xlabel("training wall-clock minutes")
+    right.set_ylabel("val loss (nats/char)")
+    right.set_title(f"during the {max(budgets):g}-minute runs")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    fig.suptitle(title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
+def _key(minutes: float) -> str:
+    return f"{minutes:g}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--data", type=Path, default=CORPUS)
-    parser.add_argument("--no-baseline", action="store_true", help="textrnn only")
-    parser.add_argument("--baseline-from", type=Path, metavar="JSON",
-                        help="reuse the baseline curve of an earlier result file of the same budget")
+    parser.add_argument("--minutes", type=float, nargs="+", default=[10.0], help="budgets (default 10)")
+    parser.add_argument("--corpus", default="shakespeare",
+                        help="shakespeare (tiny Shakespeare), python (the standard library) or a text file")
+    parser.add_argument("--only", default=",".join(SYSTEMS), help=f"systems to train now, of {', '.join(SYSTEMS)}")
+    parser.add_argument("--reuse", type=Path, metavar="JSON",
+                        help="take the results of the systems not trained now from this earlier result file")
     parser.add_argument("--preset", default=DEFAULT_PRESET)
     parser.add_argument("--cell", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a ModelConfig or TrainConfig field, e.g. --set dropout=0.1 --set lr=2e-3")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for textrnn and the baseline (default: the trainer's choice)")
+                        help="CPU threads for every system (default: the trainer's choice; torch's for the peers)")
     args = parser.parse_args()
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    if unknown := set(only) - set(SYSTEMS):
+        sys.exit(f"--only: unknown system(s) {', '.join(sorted(unknown))}; choose from {', '.join(SYSTEMS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    budgets = sorted(args.minutes)
+
+    if args.corpus == "shakespeare":
+        corpus_name, text = "tiny Shakespeare", CORPUS.read_text(encoding="utf-8")
+    elif args.corpus == "python":
+        corpus_name, text = "Python standard library", python_corpus()
+    else:
+        corpus_name, text = Path(args.corpus).name, Path(args.corpus).read_text(encoding="utf-8")
 
     model_overrides: dict = {"preset": args.preset}
     train_overrides: dict = {"threads": args.threads} if args.threads else {}
@@ -108,43 +169,64 @@ def main() -> None:
         key, _, value = item.partition("=")
         parsed = json.loads(value) if value not in ("", None) else value
         (model_overrides if key in model_fields else train_overrides)[key] = parsed
+    settings = {k: v for k, v in {**model_overrides, **train_overrides}.items() if k != "preset" or v != DEFAULT_PRESET}
 
     print(f"machine: {machine()}; load average {os.getloadavg()[0]:.2f} at start")
-    print(f"corpus: {args.data} ({args.data.stat().st_size:,} bytes), budget {args.minutes:g} min each")
-    curves: dict[str, list[dict]] = {}
+    print(f"corpus: {corpus_name} ({len(text):,} characters); budgets {', '.join(_key(m) for m in budgets)} min; "
+          f"training now: {', '.join(only)}" + (f"; textrnn settings {settings}" if settings else ""))
+    runs: dict[str, dict[str, list[dict]]] = {}
+    say = lambda m: print("  " + m, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = preprocess([args.data], Path(tmp) / "data", val_fraction=0.1)
-        label = "textrnn " + " ".join(f"{k}={v}" for k, v in {**model_overrides, **train_overrides}.items())
-        curves[label] = run_textrnn(data_dir, args.minutes, model_overrides=model_overrides,
-                                    train_overrides=train_overrides, log=lambda m: print("  " + m, flush=True))
-    if args.baseline_from:
-        earlier = json.loads(args.baseline_from.read_text(encoding="utf-8"))
-        if earlier["minutes"] != args.minutes or BASELINE not in earlier["curves"]:
-            sys.exit(f"{args.baseline_from}: no {args.minutes:g}-minute baseline curve in it")
-        curves[BASELINE] = earlier["curves"][BASELINE]
-        print(f"baseline curve from {args.baseline_from} ({earlier['machine']})")
-    elif not args.no_baseline:
+        corpus_file = Path(tmp) / "corpus.txt"
+        corpus_file.write_text(text, encoding="utf-8")
+        if "textrnn" in only:
+            data_dir = preprocess([corpus_file], Path(tmp) / "data", val_fraction=0.1)
+            runs["textrnn"] = {}
+            for minutes in budgets:
+                print(f"textrnn, {minutes:g} min", flush=True)
+                runs["textrnn"][_key(minutes)] = run_textrnn(data_dir, minutes, model_overrides, train_overrides, say)
+    if "gpt" in only:
         from bench.baselines.gpt import train_baseline
 
-        text = args.data.read_text(encoding="utf-8")
-        curves[BASELINE] = train_baseline(text, minutes=args.minutes, eval_every_seconds=args.minutes * 10,
-                                                     log=lambda m: print("  " + m, flush=True))
+        runs["gpt"] = {}
+        for minutes in budgets:
+            print(f"GPT baseline, {minutes:g} min", flush=True)
+            runs["gpt"][_key(minutes)] = train_baseline(text, minutes=minutes, eval_every_seconds=minutes * 10, log=say)
+    if "charrnn" in only:
+        from bench.baselines.charrnn import train_charrnn
 
-    print(f"\n| model | val loss at end (nats/char) | bpc | best | steps | minutes |")
-    print("|---|---|---|---|---|---|")
-    for label, rows in curves.items():
-        end, best = rows[-1], min(r["val_loss"] for r in rows)
-        print(f"| {label} | {end['val_loss']:.4f} | {end['val_loss'] / 0.6931472:.3f} | {best:.4f} | {end['step']} "
-              f"| {end['minutes']:.2f} |")
+        print(f"char-rnn recipe, {max(budgets):g} min, evaluated at {', '.join(_key(m) for m in budgets)}", flush=True)
+        rows = train_charrnn(text, minutes=max(budgets), eval_every_seconds=max(budgets) * 6,
+                             eval_at_minutes=budgets, log=say)
+        runs["charrnn"] = {_key(m): charrnn_at(rows, m) for m in budgets}
+    if args.reuse:
+        earlier = json.loads(args.reuse.read_text(encoding="utf-8"))
+        if earlier.get("corpus") != corpus_name:
+            sys.exit(f"{args.reuse}: results for {earlier.get('corpus')!r}, not {corpus_name!r}")
+        for system, by_budget in earlier["runs"].items():
+            if system not in runs:
+                runs[system] = {m: by_budget[m] for m in map(_key, budgets) if m in by_budget}
+        print(f"results of {', '.join(s for s in earlier['runs'] if s not in only)} from {args.reuse} "
+              f"({earlier['machine']})")
+
+    print("\n| system | " + " | ".join(f"{_key(m)} min" for m in budgets) + " |")
+    print("|---|" + "---|" * len(budgets))
+    for system, by_budget in runs.items():
+        cells = [f"{final(by_budget[_key(m)]):.4f}" if by_budget.get(_key(m)) else "-" for m in budgets]
+        print(f"| {LABELS[system]} | " + " | ".join(cells) + " |")
+    print("val loss in nats/char at the end of each budget, over the whole validation split")
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    record = {"machine": machine(), "minutes": args.minutes, "command": " ".join(sys.argv[1:]), "curves": curves}
-    (RESULTS / f"quality-{stamp}.json").write_text(json.dumps(record, indent=1))
-    if BASELINE in curves:
-        plot(curves, RESULTS / "quality.png", f"tiny Shakespeare, {args.minutes:g} min on {torch.get_num_threads()} "
-                                              f"CPU threads")
-        print(f"plot: {RESULTS / 'quality.png'}")
+    record = {"machine": machine(), "corpus": corpus_name, "budgets": budgets, "settings": settings,
+              "command": " ".join(sys.argv[1:]), "runs": runs}
+    out = RESULTS / f"quality-{stamp}.json"
+    out.write_text(json.dumps(record, indent=1))
+    print(f"results: {out}")
+    if len(runs) > 1 and not settings:
+        figure = RESULTS / f"quality-{Path(args.corpus).stem}.png"
+        plot(runs, figure, f"{corpus_name}, {torch.get_num_threads()} CPU threads, {machine().split(',')[0]}")
+        print(f"plot: {figure}")
 
 
 if __name__ == "__main__":

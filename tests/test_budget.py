@@ -279,6 +279,14 @@ def test_cosine_shape_and_end_value_follow_the_plan():
     assert learning_rate(_config(), 5_000, 20_000) == pytest.approx(5e-4 * (1 + math.cos(math.pi / 4)))
 
 
+def test_linear_decay_is_a_straight_line_to_its_floor():
+    config = _config(decay="linear", min_lr_ratio=0.1)
+    for plan in (400, 10_000):
+        assert learning_rate(config, plan // 4, plan) == pytest.approx(1e-4 + 9e-4 * 0.75)
+        assert learning_rate(config, plan // 2, plan) == pytest.approx(1e-4 + 9e-4 * 0.5)
+        assert learning_rate(config, plan, plan) == pytest.approx(1e-4)
+
+
 def test_the_trainer_follows_the_schedule_step_by_step(tmp_path, data_dir):
     """The logged rates are the formula's, computed here independently: a constant rate fails."""
     config = tiny_train(max_steps=30, warmup_steps=10, log_every=1, lr=0.02)

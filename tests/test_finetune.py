@@ -131,11 +131,13 @@ def test_init_from_in_a_toml_file(tmp_path, char_base, texts):
     config = tmp_path / "tune.toml"
     config.write_text(f'init_from = "{char_base}"\n[train]\nmax_steps = 4\nbatch_size = 8\nseq_len = 16\n'
                       f'device = "cpu"\nsample_length = 0\n', encoding="utf-8")
-    out = invoke("train", texts["new"], "--config", config, "--out", tmp_path / "toml-tuned", "--dropout", "0.0")
+    out = invoke("train", texts["new"], "--config", config, "--out", tmp_path / "toml-tuned", "--dropout", "0.0",
+                 "--weight-drop", "0.3")
     assert out.code == 0, out.stderr
     saved = json.loads((tmp_path / "toml-tuned" / "config.json").read_text())
     assert saved["init_from"]["path"] == str(char_base.resolve())
-    assert saved["model"]["hidden_size"] == 24 and saved["model"]["dropout"] == 0.0  # dropout may change
+    assert saved["model"]["hidden_size"] == 24  # the shape is the base's; the regularisation may change
+    assert saved["model"]["dropout"] == 0.0 and saved["model"]["weight_drop"] == 0.3
 
 
 @pytest.mark.parametrize("flags, words", [

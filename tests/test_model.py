@@ -117,3 +117,28 @@ def test_dropout_only_in_training(cell):
     torch.testing.assert_close(model(ids)[0], model(ids)[0])
     model.train()
     assert not torch.equal(model(ids)[0], model(ids)[0])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_weight_drop_masks_recurrent_weights_in_training_only(cell):
+    """DropConnect: in training, each window draws one mask over the hidden-to-hidden matrices (the
+    gradient of a dropped weight is zero); in eval the model is the plain one, its weights untouched."""
+    model = RNNLanguageModel(tiny(cell, weight_drop=0.5))
+    plain = RNNLanguageModel(tiny(cell))
+    plain.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 23, (3, 7))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    first, second = model(ids)[0], model(ids)[0]
+    assert not torch.equal(first, second)
+    first.sum().backward()
+    for k in range(2):
+        grad = getattr(model.rnn, f"weight_hh_l{k}").grad
+        dropped = (grad == 0).float().mean().item()
+        assert 0.3 < dropped < 0.7, (k, dropped)
+        assert getattr(model.rnn, f"weight_ih_l{k}").grad.ne(0).float().mean() > 0.9  # inputs are not masked
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # a mask never writes the weights
+    assert all(isinstance(p, torch.nn.Parameter) for p in model.rnn._flat_weights)
+    model.eval()
+    plain.eval()
+    torch.testing.assert_close(model(ids)[0], plain(ids)[0], rtol=0, atol=0)

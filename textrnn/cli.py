@@ -206,6 +206,7 @@ def train(
     hidden: Annotated[Optional[int], typer.Option(help=_model_help("hidden_size"))] = None,
     embed: Annotated[Optional[int], typer.Option(help=_model_help("embedding_dim"))] = None,
     dropout: Annotated[Optional[float], typer.Option(help=_model_help("dropout"))] = None,
+    weight_drop: Annotated[Optional[float], typer.Option(help=_model_help("weight_drop"))] = None,
     tie: Annotated[Optional[bool], typer.Option("--tie/--no-tie", help=_model_help("tie_weights"))] = None,
     seq_len: Annotated[Optional[int], typer.Option(help=_train_help("seq_len"))] = None,
     batch_size: Annotated[Optional[int], typer.Option(help=_train_help("batch_size"))] = None,
@@ -239,7 +240,7 @@ def train(
 
     flags = {
         "cell": _value(cell), "num_layers": layers, "hidden_size": hidden, "embedding_dim": embed,
-        "dropout": dropout, "tie_weights": tie, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
+        "dropout": dropout, "weight_drop": weight_drop, "tie_weights": tie, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
         "warmup_steps": warmup, "weight_decay": weight_decay, "grad_clip": clip, "max_steps": max_steps,
         "max_time": _run(parse_duration, max_time) if max_time is not None else None, "epochs": epochs,
         "eval_every": eval_every, "eval_tokens": eval_tokens, "sample_length": sample_length,
@@ -285,7 +286,7 @@ def train(
 
 
 def _finetune_model(base_dir: Path, given: dict) -> ModelConfig:
-    """The base run's model, with the dropout of ``given``; shape settings that contradict it are refused."""
+    """The base run's model, with the regularisation of ``given``; shape settings that contradict it are refused."""
     from . import checkpoint as ckpt
     from .config import finetune_model_config
 

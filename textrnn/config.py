@@ -21,6 +21,7 @@ CELLS = ("lstm", "gru", "rnn")
 TOKENIZERS = ("char", "byte", "bpe", "unigram")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
+DECAYS = ("cosine", "linear")
 
 
 def _field(default: Any, help: str) -> Any:
@@ -37,6 +38,8 @@ class ModelConfig:
     embedding_dim: int = _field(128, "Size of the token embedding.")
     dropout: float = _field(0.2, "Dropout between recurrent layers, on the embedding and on the output.")
     tie_weights: bool = _field(False, "Share embedding and output weights (a projection bridges sizes).")
+    weight_drop: float = _field(0.0, "DropConnect on the recurrent hidden-to-hidden weights in training: one "
+                                     "mask per window (AWD-LSTM).")
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
@@ -46,8 +49,9 @@ class ModelConfig:
         _check_positive("embedding_dim", self.embedding_dim)
         if self.vocab_size < 0:
             raise ConfigError(f"vocab_size must be >= 0, got {self.vocab_size}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "weight_drop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -96,7 +100,8 @@ class TrainConfig:
     seq_len: int = _field(64, "BPTT window: tokens per stream per step.")
     batch_size: int = _field(64, "Parallel contiguous streams per step (per process).")
     lr: float = _field(5e-3, "Peak learning rate (AdamW).")
-    min_lr_ratio: float = _field(0.0, "The cosine decays to lr x this.")
+    decay: str = _field("cosine", "Learning-rate decay after warmup, over the planned steps: cosine or linear.")
+    min_lr_ratio: float = _field(0.0, "The decay ends at lr x this.")
     warmup_steps: int = _field(100, "Linear warmup steps (at most 5% of the planned steps).")
     weight_decay: float = _field(0.01, "AdamW decoupled weight decay on matrices.")
     grad_clip: float = _field(1.0, "Global-norm gradient clip (0 = off).")
@@ -129,6 +134,8 @@ class TrainConfig:
                 _check_positive(name, getattr(self, name))
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.decay not in DECAYS:
+            raise ConfigError(f"decay must be one of {', '.join(DECAYS)}, got {self.decay!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if isinstance(self.sample_length, bool) or not isinstance(self.sample_length, int) or self.sample_length < 0:
@@ -242,6 +249,7 @@ DATA_DEFAULTS: dict[str, Any] = {"tokenizer": "char", "vocab_size": None, "val_f
                                  "init_from": None}
 # what makes the weights of one model fit another: a fine-tuned model keeps its base's
 SHAPE_KEYS = ("cell", "num_layers", "hidden_size", "embedding_dim", "tie_weights")
+REGULARISATION_KEYS = ("dropout", "weight_drop")  # what a fine-tuned run may change in its base's model
 
 
 def help_text(config_class: type, name: str) -> str:
@@ -316,11 +324,11 @@ RESUME_OVERRIDES = {"max_steps", "max_time", "epochs", "eval_every", "eval_token
 
 
 def finetune_model_config(base: ModelConfig, settings: dict[str, Any], source: str) -> ModelConfig:
-    """The model of a run fine-tuned from a run whose model is ``base``: the base's, dropout aside.
+    """The model of a run fine-tuned from a run whose model is ``base``: the base's, regularisation aside.
 
     ``settings`` are what the user gave (a None value is unset): a preset or a shape setting
     (``SHAPE_KEYS``) that contradicts the base is refused, since the base's weights would not fit;
-    ``dropout`` may change. The vocabulary size is set later, from the tokenizer.
+    ``dropout`` and ``weight_drop`` may change. The vocabulary size is set later, from the tokenizer.
     """
     given = dict(preset(settings["preset"]).to_dict()) if settings.get("preset") is not None else {}
     given.update({k: v for k, v in settings.items() if k in MODEL_KEYS and v is not None})
@@ -329,5 +337,5 @@ def finetune_model_config(base: ModelConfig, settings: dict[str, Any], source: s
     if clashes:
         raise ConfigError(f"{source}: init_from keeps the base run's model, but got {', '.join(clashes)}; "
                           f"drop the model-shape settings (--preset, --cell, --layers, --hidden, --embed, --tie)")
-    dropout = settings.get("dropout")
-    return ModelConfig.from_dict({**base.to_dict(), **({"dropout": dropout} if dropout is not None else {})}, source)
+    changed = {k: settings[k] for k in REGULARISATION_KEYS if settings.get(k) is not None}
+    return ModelConfig.from_dict({**base.to_dict(), **changed}, source)

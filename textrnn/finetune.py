@@ -26,7 +26,7 @@ class Base:
 
     path: Path
     tokenizer: Tokenizer
-    model_config: ModelConfig  # the new run's model: the base's, maybe with another dropout
+    model_config: ModelConfig  # the new run's model: the base's, maybe with other dropout and weight drop
 
 
 def read_base(path: Path, model_config: ModelConfig | None, data_settings: dict) -> Base:

@@ -94,9 +94,26 @@ class RNNLanguageModel(nn.Module):
             state = self.init_state(ids.shape[0], ids.device)
         x = self.drop(self.embedding(ids))  # (B, T, E)
         rnn_state = state if self.config.cell == "lstm" else state[0]
-        out, new_state = self.rnn(x, rnn_state)  # (B, T, H)
+        if self.training and self.config.weight_drop:
+            out, new_state = self._rnn_weight_dropped(x, rnn_state)  # (B, T, H)
+        else:
+            out, new_state = self.rnn(x, rnn_state)  # (B, T, H)
         logits = self.head(self.projection(self.drop(out)))  # (B, T, V)
         return logits, (tuple(new_state) if self.config.cell == "lstm" else (new_state,))
+
+    def _rnn_weight_dropped(self, x: torch.Tensor, rnn_state):
+        """The fused RNN with DropConnect on its hidden-to-hidden matrices: the weights are masked
+        before the call (one mask per window, the same at every time step), so oneDNN and cuDNN
+        still run the whole window and the gradient flows to the weights through the mask.
+
+        It calls the op ``nn.LSTM``/``nn.GRU``/``nn.RNN`` call, on a masked copy of the weight list;
+        the module itself is never changed, so evaluation and sampling see the plain weights."""
+        rnn, p = self.rnn, self.config.weight_drop
+        weights = [F.dropout(w, p, training=True) if name.startswith("weight_hh") else w
+                   for name, w in zip(rnn._flat_weights_names, rnn._flat_weights)]
+        op = {"lstm": torch._VF.lstm, "gru": torch._VF.gru, "rnn": torch._VF.rnn_tanh}[self.config.cell]
+        out, *state = op(x, rnn_state, weights, True, rnn.num_layers, rnn.dropout, True, False, True)
+        return out, (tuple(state) if self.config.cell == "lstm" else state[0])
 
     # -------------------------------------------------- one-token path for sampling
 

@@ -29,16 +29,17 @@ def warmup_steps(config: TrainConfig, plan: int) -> int:
 def learning_rate(config: TrainConfig, step: int, plan: int) -> float:
     """The learning rate of ``step`` (0-based) in a run of ``plan`` steps.
 
-    Linear warmup to ``lr`` over ``warmup_steps(config, plan)`` steps, then a cosine from ``lr``
-    at step 0 of the plan down to ``lr * min_lr_ratio`` at step ``plan``, taking over where it
-    meets the warmup line.
+    Linear warmup to ``lr`` over ``warmup_steps(config, plan)`` steps, then a decay from ``lr``
+    at step 0 of the plan down to ``lr * min_lr_ratio`` at step ``plan`` (a cosine, or a straight
+    line with ``decay="linear"``), taking over where it meets the warmup line.
     """
     warm = warmup_steps(config, plan)
     if step < warm:
         return config.lr * (step + 1) / warm
     progress = min(max(step / max(plan, 1), 0.0), 1.0)
     floor = config.lr * config.min_lr_ratio
-    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
+    left = 1.0 - progress if config.decay == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return floor + (config.lr - floor) * left
 
 
 def eval_interval(config: TrainConfig, plan: int) -> int:

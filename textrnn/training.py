@@ -124,7 +124,7 @@ def train(inputs: list[str | os.PathLike] | None = None, out_dir: str | os.PathL
     ``inputs`` is text files, a directory of them, or one directory made by ``preprocess``.
     ``resume_overrides`` changes what a resumed run may change (``config.RESUME_OVERRIDES``).
     ``init_from=RUN_DIR`` fine-tunes: a new run that starts from that run's best weights, model
-    and tokenizer (``model_config`` may then change only the dropout; see ``read_base``).
+    and tokenizer (``model_config`` may then change only its dropout and weight drop; see ``read_base``).
     ``tokenizer`` is ``char`` unless given, or the base's with ``init_from``.
     ``should_stop(step)`` lets a caller stop at a step boundary, as a signal would. ``started``
     (a ``time.perf_counter()`` value) is when the time budget began: the process's start for the
