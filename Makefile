@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 DEMO_DIR := runs/demo
-DEMO_STEPS ?= 600
+DEMO_STEPS ?= 1000
 
 .PHONY: demo test bench bench-full clean
 

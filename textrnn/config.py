@@ -98,12 +98,12 @@ def count_parameters(config: ModelConfig, vocab_size: int | None = None) -> int:
 @dataclass
 class TrainConfig:
     seq_len: int = _field(64, "BPTT window: tokens per stream per step.")
-    batch_size: int = _field(64, "Parallel contiguous streams per step (per process).")
+    batch_size: int = _field(32, "Parallel contiguous streams per step (per process).")
     lr: float = _field(5e-3, "Peak learning rate (AdamW).")
     decay: str = _field("cosine", "Learning-rate decay after warmup, over the planned steps: cosine or linear.")
     min_lr_ratio: float = _field(0.0, "The decay ends at lr x this.")
     warmup_steps: int = _field(100, "Linear warmup steps (at most 5% of the planned steps).")
-    weight_decay: float = _field(0.01, "AdamW decoupled weight decay on matrices.")
+    weight_decay: float = _field(0.1, "AdamW decoupled weight decay on matrices.")
     grad_clip: float = _field(1.0, "Global-norm gradient clip (0 = off).")
     max_steps: int | None = _field(None, "Stop after N optimizer steps, counted from the run's start.")
     max_time: float | None = _field(None, "Wall-clock budget for the whole run: 90s, 10m, 1h30m "
