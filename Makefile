@@ -32,7 +32,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Benchmarks (results go into BENCHMARKS.md): about 30 minutes; bench-full adds the 5- and
-# 10-minute sweeps and the quality run against the GPT baseline (about 1 h 10 min more).
+# 10-minute sweeps and the quality runs against the GPT baseline and the char-rnn recipe at 2, 10
+# and 30 minutes, on tiny Shakespeare and on Python source (about 6 h more).
 bench: $(STAMP)
 	$(BIN)/python bench/preprocess.py --size-mb 1024
 	$(BIN)/python bench/train_throughput.py
@@ -47,7 +48,8 @@ bench: $(STAMP)
 bench-full: bench
 	$(BIN)/python bench/sweep.py --minutes 5 --presets small --cells gru lstm rnn
 	$(BIN)/python bench/sweep.py --minutes 10 --presets small --cells lstm rnn
-	$(BIN)/python bench/quality.py --minutes 10
+	$(BIN)/python bench/quality.py --minutes 2 10 30
+	$(BIN)/python bench/quality.py --corpus python --minutes 2 10 30
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -17,10 +17,11 @@ The baselines' clocks pause while they evaluate, which favours them slightly.
     python bench/quality.py --minutes 2 10 30                 # three budgets, one figure
     python bench/quality.py --corpus python --minutes 2 10 30 # the Python standard library (4.7 MB)
     python bench/quality.py --only textrnn --set weight_drop=0.2 --minutes 10
-    python bench/quality.py --reuse bench/results/quality-STAMP.json --only textrnn
+    python bench/quality.py --only textrnn --minutes 30 --reuse bench/results/quality-STAMP.json
 
-``--reuse`` takes the other systems' results from an earlier result file of the same corpus and
-machine, so that trying a textrnn setting does not train the peers again. The table, a JSON record
+``--reuse`` takes every result not trained now (a system, or a budget) from an earlier result file
+of the same corpus and machine: trying a textrnn setting does not train the peers again, and a
+30-minute run joins the 2- and 10-minute ones in one table and figure. The table, a JSON record
 and a figure (final loss against budget, and the curves of the longest budget) go to
 ``bench/results/``.
 """
@@ -89,8 +90,14 @@ def final(rows: list[dict]) -> float:
 
 
 def charrnn_at(rows: list[dict], minutes: float) -> list[dict]:
-    """The char-rnn rows up to a budget (its run evaluates at each budget on the way)."""
-    return [r for r in rows if r["minutes"] <= minutes + 1e-6]
+    """The char-rnn rows of a budget: up to its evaluation at that budget (its run evaluates at
+    each budget on the way, as soon as the step that crosses it ends)."""
+    taken = []
+    for row in rows:
+        taken.append(row)
+        if row["minutes"] >= minutes:
+            break
+    return taken
 
 
 def plot(runs: dict[str, dict[str, list[dict]]], path: Path, title: str) -> None:
@@ -99,25 +106,31 @@ def plot(runs: dict[str, dict[str, list[dict]]], path: Path, title: str) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import NullFormatter
+
     budgets = sorted({float(m) for by_budget in runs.values() for m in by_budget})
+    # the curves of the longest budget that every system ran (else the longest of all)
+    shared = [m for m in budgets if all(by_budget.get(_key(m)) for by_budget in runs.values())]
+    curves = max(shared) if shared else max(budgets)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
     for system, by_budget in runs.items():
         points = sorted((float(m), final(rows)) for m, rows in by_budget.items() if rows)
         left.plot([m for m, _ in points], [v for _, v in points], "o-", label=LABELS.get(system, system))
         for m, v in points:
             left.annotate(f"{v:.3f}", (m, v), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        longest = by_budget.get(_key(max(budgets)))
-        if longest:
-            right.plot([r["minutes"] for r in longest], [r["val_loss"] for r in longest], ".-",
+        rows = by_budget.get(_key(curves))
+        if rows:
+            right.plot([r["minutes"] for r in rows], [r["val_loss"] for r in rows], ".-",
                        label=LABELS.get(system, system))
     left.set_xscale("log")
     left.set_xticks(budgets, [f"{m:g}" for m in budgets])
+    left.xaxis.set_minor_formatter(NullFormatter())
     left.set_xlabel("budget (minutes of training)")
     left.set_ylabel("val loss at the end (nats/char)")
     left.set_title("after each budget")
     right.set_xlabel("training wall-clock minutes")
     right.set_ylabel("val loss (nats/char)")
-    right.set_title(f"during the {max(budgets):g}-minute runs")
+    right.set_title(f"during the {curves:g}-minute runs")
     for ax in (left, right):
         ax.grid(alpha=0.3)
     left.legend(fontsize=8)
@@ -199,15 +212,17 @@ def main() -> None:
         rows = train_charrnn(text, minutes=max(budgets), eval_every_seconds=max(budgets) * 6,
                              eval_at_minutes=budgets, log=say)
         runs["charrnn"] = {_key(m): charrnn_at(rows, m) for m in budgets}
-    if args.reuse:
+    if args.reuse:  # every system and budget not trained now
         earlier = json.loads(args.reuse.read_text(encoding="utf-8"))
         if earlier.get("corpus") != corpus_name:
             sys.exit(f"{args.reuse}: results for {earlier.get('corpus')!r}, not {corpus_name!r}")
         for system, by_budget in earlier["runs"].items():
-            if system not in runs:
-                runs[system] = {m: by_budget[m] for m in map(_key, budgets) if m in by_budget}
-        print(f"results of {', '.join(s for s in earlier['runs'] if s not in only)} from {args.reuse} "
-              f"({earlier['machine']})")
+            if system == "textrnn" and earlier.get("settings", {}) != settings:
+                continue  # textrnn results of other settings do not mix
+            for minutes, rows in by_budget.items():
+                runs.setdefault(system, {}).setdefault(minutes, rows)
+        budgets = sorted({float(m) for by_budget in runs.values() for m in by_budget})
+        print(f"the other results from {args.reuse} ({earlier['machine']})")
 
     print("\n| system | " + " | ".join(f"{_key(m)} min" for m in budgets) + " |")
     print("|---|" + "---|" * len(budgets))

@@ -106,7 +106,7 @@ class RNNLanguageModel(nn.Module):
         before the call (one mask per window, the same at every time step), so oneDNN and cuDNN
         still run the whole window and the gradient flows to the weights through the mask.
 
-        It calls the op ``nn.LSTM``/``nn.GRU``/``nn.RNN`` call, on a masked copy of the weight list;
+        It calls the op that ``nn.LSTM``/``nn.GRU``/``nn.RNN`` call, on a masked copy of their weight list;
         the module itself is never changed, so evaluation and sampling see the plain weights."""
         rnn, p = self.rnn, self.config.weight_drop
         weights = [F.dropout(w, p, training=True) if name.startswith("weight_hh") else w

@@ -13,16 +13,14 @@ Karpathy's char-rnn (Torch7, 2015) with its own defaults, as a user who ports it
 One change: char-rnn validates on its own last 5%; here it trains on the first 90% and validates on
 the last 10%, the split textrnn and the GPT baseline use. Its schedule does not depend on the
 budget, so one long run reports every shorter budget too (``eval_at_minutes``). It shares nothing
-with textrnn.
+with textrnn. Run it with ``python bench/quality.py --only charrnn``.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -170,18 +168,3 @@ def train_charrnn(text: str, *, minutes: float, val_fraction: float = 0.1, seed:
                 marks.pop(0)
     return rows
 
-
-def _main() -> None:
-    default_data = Path(__file__).resolve().parents[2].parent / "shared/data/tinyshakespeare.txt"
-    parser = argparse.ArgumentParser(description="Train the char-rnn recipe under a time budget.")
-    parser.add_argument("--minutes", type=float, default=1.0, help="training budget in minutes")
-    parser.add_argument("--data", type=Path, default=default_data, help="UTF-8 text corpus")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    for row in train_charrnn(args.data.read_text(encoding="utf-8"), minutes=args.minutes):
-        print(row)
-
-
-if __name__ == "__main__":
-    _main()
