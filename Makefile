@@ -26,7 +26,7 @@ demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
 	$(BIN)/python -m textrnn train $$($(BIN)/python -c 'import glob, sysconfig; print(" ".join(sorted(glob.glob(sysconfig.get_paths()["stdlib"] + "/*.py"))))') \
 		--out $(DEMO_DIR) --max-steps $(DEMO_STEPS) --threads 2
-	$(BIN)/python -m textrnn generate --checkpoint $(DEMO_DIR) --prompt 'def ' --length 600 --temperature 0.7 --seed 1
+	$(BIN)/python -m textrnn generate --checkpoint $(DEMO_DIR) --prompt 'def ' --length 600 --temperature 0.8 --seed 1
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
