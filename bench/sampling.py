@@ -11,26 +11,32 @@ Each cell is the best of ``--repeats`` short timings (the machine is shared: the
 least disturbed, and the load average is printed); chars/s counts generated characters only.
 "fp16 weights" is ``Sampler(precision="fp16")``: fp16 copies of the recurrent matrices, fp32
 arithmetic (fbgemm, x86). "onnxruntime" is ``Sampler(engine="onnxruntime")``: the step exported to
-ONNX (fp32) and run by ONNX Runtime, when it is installed; a second table tries its options at
-batch 1 (threads, IO binding, int8 weights). bf16 needs bf16 matrix units (AMX or AVX512-BF16); without them it
-says why not.
+ONNX (fp32) and run by ONNX Runtime, when it is installed; "int8" is ``Sampler(precision="int8")``:
+the same engine with int8 weights (``export.quantized_graph``). A second table tries ONNX Runtime's
+options at batch 1 (threads, IO binding, int8 weights). bf16 needs bf16 matrix units (AMX or
+AVX512-BF16); without them it says why not.
+
+``--run RUN_DIR`` adds what each step path costs in quality: the validation loss of a trained run
+(its own split, the first ``--val-chars`` characters in 16 streams, state carried) through every
+step path, so the int8 weights' loss is measured, not assumed.
 
     python bench/sampling.py                      # the table, as in BENCHMARKS.md
     python bench/sampling.py --length 4000 --repeats 9 --threads 1
     python bench/sampling.py --preset small --cell lstm          # the default model (small LSTM)
     python bench/sampling.py --preset small --cell gru --quick   # batch-1 rows only
+    python bench/sampling.py --quick --run runs/medium           # + each path's val loss on a trained run
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import string
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -46,7 +52,7 @@ from textrnn.sampling import Sampler, fp16_weights_supported, sample_logits  # n
 from textrnn.tokenizers import CharTokenizer  # noqa: E402
 
 try:
-    from textrnn.export import OnnxStepper, onnx_available, session, step_graph  # noqa: E402
+    from textrnn.export import OnnxStepper, onnx_available, quantized_graph, session, step_graph  # noqa: E402
 except ImportError:  # pragma: no cover
     onnx_available = None
 
@@ -103,6 +109,29 @@ def plain_loop(config, length: int, seed: int = 0) -> callable:
     return run
 
 
+def step_losses(model: RNNLanguageModel, run_dir: Path, steps: dict, chars: int, streams: int = 16) -> dict:
+    """Validation loss (nats/char) of a char run through each step function, state carried per stream."""
+    from textrnn.data import load_dataset
+
+    data = load_dataset(run_dir / "data") if (run_dir / "data").exists() else None
+    if data is None:  # a run trained on a text file keeps its prepared data elsewhere: config.json says where
+        import json
+
+        data = load_dataset(json.loads((run_dir / "config.json").read_text())["data"]["path"])
+    ids = torch.from_numpy(np.asarray(data.split("val")[:chars], dtype=np.int64))
+    length = len(ids) // streams
+    ids = ids[:streams * length].view(streams, length)  # contiguous streams, like the trainer's evaluation
+    losses = {}
+    with torch.inference_mode():
+        for name, step in steps.items():
+            state, total = model.init_state(streams), 0.0
+            for t in range(length - 1):
+                logits, state = step(ids[:, t], state)
+                total += float(torch.nn.functional.cross_entropy(logits.float(), ids[:, t + 1], reduction="sum"))
+            losses[name] = total / (streams * (length - 1))
+    return losses
+
+
 def ort_experiments(model: RNNLanguageModel, length: int, repeats: int) -> list[tuple[str, float, str]]:
     """ONNX Runtime's step alone at batch 1, under its options: steps/s and the largest logit change."""
     import tempfile
@@ -148,26 +177,47 @@ def ort_experiments(model: RNNLanguageModel, length: int, repeats: int) -> list[
                 sess.run_with_iobinding(bindings[t % 2])
         return run
 
-    reference = session(graph, 1).run(None, feeds())[0]
     rows = []
     for threads in sorted({1, torch.get_num_threads()}):
         sess = session(graph, threads)
         rows.append((f"session.run, {threads} thread(s)", best_rate(plain(sess), length, repeats), "fp32, exact"))
         rows.append((f"IO binding, {threads} thread(s)", best_rate(io_bound(sess), length, repeats), "fp32, exact"))
     try:
+        import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "fp32.onnx").write_bytes(graph)
-            quantize_dynamic(str(Path(tmp) / "fp32.onnx"), str(Path(tmp) / "int8.onnx"), weight_type=QuantType.QInt8)
+        variants = {  # quantize_dynamic's options; the first is what --precision int8 runs
+            "int8, a scale per row, head fp32": dict(per_channel=True, nodes_to_exclude=["logits", "logits_MatMul"]),
+            "int8, one scale per matrix, head fp32": dict(nodes_to_exclude=["logits", "logits_MatMul"]),
+            "int8, one scale per matrix, head int8 too": {},
+            "uint8 weights, one scale per matrix, head fp32": dict(weight_type=QuantType.QUInt8,
+                                                                   nodes_to_exclude=["logits", "logits_MatMul"]),
+        }
+        for name, options in variants.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                quantize_dynamic(onnx.load_from_string(graph), Path(tmp) / "q.onnx",
+                                 op_types_to_quantize=["Gemm", "MatMul"], **{"weight_type": QuantType.QInt8, **options})
+                quantized = (Path(tmp) / "q.onnx").read_bytes()
+            change = max_logit_change(model, quantized)
             for threads in sorted({1, torch.get_num_threads()}):
-                sess = session(Path(tmp) / "int8.onnx", threads)
-                change = float(np.abs(sess.run(None, feeds())[0] - reference).max())
-                rows.append((f"int8 weights (quantize_dynamic), {threads} thread(s)",
-                             best_rate(plain(sess), length, repeats), f"logits change by up to {change:.2g}"))
+                rows.append((f"{name}, IO binding, {threads} thread(s)",
+                             best_rate(io_bound(session(quantized, threads)), length, repeats),
+                             f"logits change by up to {change:.2g} over 200 random ids"))
     except Exception as exc:  # noqa: BLE001 - an experiment: say why not
         rows.append(("int8 weights (quantize_dynamic)", float("nan"), f"failed: {exc}"[:80]))
     return rows
+
+
+def max_logit_change(model: RNNLanguageModel, graph: bytes, steps: int = 200, batch: int = 8) -> float:
+    """The largest logit difference between a (quantized) step graph and the fp32 model, state carried."""
+    ids = torch.randint(0, model.config.vocab_size, (batch, steps), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(ids)[0]
+    step, state, worst = OnnxStepper(graph, model.config.cell == "lstm", threads=1).loop(), model.init_state(batch), 0.0
+    for t in range(steps):
+        logits, state = step(ids[:, t], state)
+        worst = max(worst, float((logits - expected[:, t]).abs().max()))
+    return worst
 
 
 def main() -> None:
@@ -182,20 +232,32 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only the batch-1 stream and step rows")
     parser.add_argument("--preset", choices=list(PRESETS), default="medium", help="model size (medium = 2x512)")
     parser.add_argument("--cell", choices=["lstm", "gru", "rnn"], default="lstm")
+    parser.add_argument("--run", type=Path, default=None,
+                        help="a trained run: time its model instead, and add each path's val loss on its data")
+    parser.add_argument("--val-chars", type=int, default=32_000, help="validation characters for --run")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     load_at_start = f"{os.getloadavg()[0]:.1f}"  # the machine is shared: say how busy it was
-    model, tokenizer = build(args.preset, args.cell)
+    if args.run:
+        from textrnn.checkpoint import load_run
+
+        run = load_run(args.run, "cpu")
+        model, tokenizer, weights = run.model.eval(), run.tokenizer, f"trained weights of {args.run}"
+    else:
+        model, tokenizer = build(args.preset, args.cell)
+        weights = "random weights"
     c = model.config
     described = f"{c.num_layers}x{c.hidden_size} {c.cell.upper()}, embedding {c.embedding_dim}"
     precisions = ["fp32"] + (["fp16"] if fp16_weights_supported() else [])
     samplers = {p: Sampler(model, tokenizer, precision=p, engine="torch") for p in precisions}
-    if onnx_available is not None and onnx_available():  # the onnxruntime engine: one more column
+    if onnx_available is not None and onnx_available():  # the onnxruntime engine: two more columns
         samplers["onnxruntime"] = Sampler(model, tokenizer, precision="fp32", engine="onnxruntime")
-        precisions.append("onnxruntime")
+        samplers["int8"] = Sampler(model, tokenizer, precision="int8", engine="onnxruntime")
+        precisions += ["onnxruntime", "int8"]
         graph = step_graph(model)
+        graph_int8 = quantized_graph(graph)
     options = dict(temperature=0.8, seed=1)
     filtered = dict(temperature=0.8, top_k=40, top_p=0.95, seed=1)
     rows: list[tuple[str, dict[str, float], str]] = []
@@ -220,19 +282,24 @@ def main() -> None:
                                                        **options),
                 args.batch * args.batch_length, f"{args.batch} samples as one batch")
 
+    def step_for(p, threads=None):
+        """The step of path ``p`` as its sampler runs it (onnxruntime: bound buffers, ``threads`` threads)."""
+        if p in ("onnxruntime", "int8"):
+            return OnnxStepper(graph if p == "onnxruntime" else graph_int8, c.cell == "lstm", threads=threads,
+                               batch_1_threads=threads).loop()
+        return model.stepper(p)
+
     def steps_only(p, threads):
-        if p == "onnxruntime":
-            step = OnnxStepper(graph, c.cell == "lstm", threads=threads, one_thread_at_batch_1=False)
-        else:
-            step = functools.partial(model.step, precision=p)
+        step = step_for(p, threads)
 
         def run() -> None:
             before = torch.get_num_threads()
             torch.set_num_threads(threads)
             try:
                 state, ids = model.init_state(1), torch.tensor([1])
-                for _ in range(args.length):
-                    _, state = step(ids, state)
+                with torch.inference_mode():
+                    for _ in range(args.length):
+                        _, state = step(ids, state)
             finally:
                 torch.set_num_threads(before)
         return run
@@ -257,19 +324,19 @@ def main() -> None:
     else:
         bf16 = "n/a on this CPU: no AMX or AVX512-BF16, so oneDNN has no bf16 kernels here"
 
-    print(f"# sampling speed: {described}, vocab {tokenizer.vocab_size}, random weights")
+    print(f"# sampling speed: {described}, vocab {tokenizer.vocab_size}, {weights}")
     print(f"# machine: {machine()}; load average {load_at_start} at the start, {os.getloadavg()[0]:.1f} at the end")
     print(f"# command: python bench/sampling.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"# best of {args.repeats} timings per cell; batch-1 rows generate {args.length} characters after a "
           f"{len(PROMPT)}-character prompt; fp16 = fp16 copies of the recurrent weights, fp32 arithmetic")
     print()
     width = max(len(r[0]) for r in rows)
-    print(f"| {'path':<{width}} | fp32 chars/s | fp16 weights chars/s | onnxruntime chars/s | bf16 | note |")
-    print(f"|{'-' * (width + 2)}|-------------:|---------------------:|--------------------:|------|------|")
+    print(f"| {'path':<{width}} | fp32 chars/s | fp16 weights | onnxruntime | onnxruntime int8 | bf16 | note |")
+    print(f"|{'-' * (width + 2)}|-------------:|-------------:|------------:|-----------------:|------|------|")
     for name, rates, note in rows:
-        fp16 = f"{rates['fp16']:,.0f}" if "fp16" in rates else "-"
-        onnx = f"{rates['onnxruntime']:,.0f}" if "onnxruntime" in rates else "-"
-        print(f"| {name:<{width}} | {rates['fp32']:>12,.0f} | {fp16:>20} | {onnx:>19} | n/a | {note} |")
+        cells = [f"{rates[p]:,.0f}" if p in rates else "-" for p in ("fp16", "onnxruntime", "int8")]
+        print(f"| {name:<{width}} | {rates['fp32']:>12,.0f} | {cells[0]:>12} | {cells[1]:>11} | {cells[2]:>16} "
+              f"| n/a | {note} |")
     print()
     print(f"bf16: {bf16}")
     for issue, goal in GOALS.items():
@@ -277,10 +344,19 @@ def main() -> None:
             verdict = "met" if stream[p] >= goal else "NOT met"
             print(f"goal ({issue}): >= {goal:,} chars/s streamed at batch 1, {p}: {verdict} ({stream[p]:,.0f})")
     if "onnxruntime" in stream:
-        best_torch = max(stream[p] for p in precisions if p != "onnxruntime")
-        ratio = stream["onnxruntime"] / best_torch
-        print(f"goal: onnxruntime >= 1.5x the best torch path at batch 1: "
-              f"{'met' if ratio >= 1.5 else 'NOT met'} ({ratio:.2f}x)")
+        best_torch = max(stream[p] for p in ("fp32", "fp16") if p in stream)
+        for p in ("onnxruntime", "int8"):
+            ratio = stream[p] / best_torch
+            print(f"goal: {p} >= 1.5x the best torch path at batch 1: {'met' if ratio >= 1.5 else 'NOT met'} "
+                  f"({ratio:.2f}x)")
+    if args.run:
+        print()
+        print(f"| step path | val loss, nats/char (first {args.val_chars:,} chars of the run's validation split) "
+              f"| change |")
+        print("|---|---:|---:|")
+        losses = step_losses(model, args.run, {p: step_for(p) for p in precisions}, args.val_chars)
+        for p, loss in losses.items():
+            print(f"| {p} | {loss:.4f} | {loss - losses['fp32']:+.4f} |")
         if not args.quick:
             print()
             print("| onnxruntime step alone, batch 1 | steps/s | note |")

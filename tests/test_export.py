@@ -130,6 +130,48 @@ def test_auto_engine_picks_one_and_keeps_the_text(tmp_path):
     assert text == reference.generate("the ", length=80, seed=1)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_int8_weights_stay_close_to_fp32_and_repeat_for_a_seed(cell):
+    from textrnn.export import quantized_graph
+
+    model, tokenizer = tiny_model(cell, hidden=64, embedding=16), CharTokenizer(CHARS)
+    import onnx
+
+    fp32 = step_graph(model)
+    graph = quantized_graph(fp32)
+    # every recurrent matrix is int8 now; layer 0's table and the head stay fp32
+    layers = [node.name for node in onnx.load_from_string(fp32).graph.node if node.op_type == "Gemm"]
+    quantized = [node.name for node in onnx.load_from_string(graph).graph.node if node.op_type == "MatMulInteger"]
+    assert len(quantized) == len(layers) - 1 and not any(name.startswith("logits") for name in quantized)
+    # quantized, so not exact, yet the same next-token distribution to about a percent
+    ids = torch.randint(0, model.config.vocab_size, (4, 30), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(ids)[0].softmax(-1)
+    step, state, worst = export_module.OnnxStepper(graph, cell == "lstm").loop(), model.init_state(4, "cpu"), 0.0
+    for t in range(ids.shape[1]):
+        logits, state = step(ids[:, t], state)
+        worst = max(worst, float((logits.softmax(-1) - expected[:, t]).abs().max()))
+    assert 0 < worst < 0.03, worst
+    sampler = Sampler(model, tokenizer, precision="int8", engine="auto")  # int8 means onnxruntime
+    text = sampler.generate("the ", length=200, seed=4)
+    assert sampler.engine_used == "onnxruntime" and len(text) == 200 and set(text) <= set(CHARS)
+    assert sampler.generate("the ", length=200, seed=4) == text
+    assert "".join(sampler.stream("the ", length=200, seed=4)) == text
+    assert sampler.generate("the ", length=60, seed=4, num_samples=3, top_k=5)[0] != ""
+
+
+def test_int8_refuses_the_torch_engine(tmp_path):
+    from textrnn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="int8 sampling weights run on the onnxruntime engine"):
+        Sampler(tiny_model(), CharTokenizer(CHARS), precision="int8", engine="torch")
+    run = write_run(tmp_path / "run", tiny_model())
+    result = invoke("generate", "-c", run, "--precision", "int8", "--engine", "torch", "-n", "5")
+    assert result.code == 2 and result.stderr.count("\n") == 1 and "onnxruntime" in result.stderr
+    result = invoke("generate", "-c", run, "--precision", "int8", "-p", "the ", "-n", "30", "--seed", "1")
+    assert result.code == 0 and result.stdout.startswith("the ") and len(result.stdout) == 4 + 30 + 1
+
+
 def test_export_cache_is_reused_until_the_weights_change(tmp_path):
     run = write_run(tmp_path / "run", tiny_model())
     Sampler.from_checkpoint(run, device="cpu", engine="onnxruntime").generate("a", length=5, seed=0)

@@ -555,13 +555,12 @@ def test_trained_byte_model_streams_whole_characters(byte_run, monkeypatch):
 
     sampler = Sampler.from_checkpoint(byte_run, device="cpu")
     assert sampler.tokenizer.kind == "byte"
-    sample = sampling._sample
+    push = sampling._TextDecoder.push
     for seed in range(3):
-        drawn: list[int] = []
-        monkeypatch.setattr(sampling, "_sample", lambda *a, **k: (lambda ids: (drawn.extend(ids.tolist()), ids)[1])(
-            sample(*a, **k)))
+        drawn: list[int] = []  # every id the sampler draws goes through its decoder
+        monkeypatch.setattr(sampling._TextDecoder, "push", lambda self, token: (drawn.append(token), push(self, token))[1])
         pieces = list(sampler.stream("caf", length=300, seed=seed, temperature=1.2))
-        monkeypatch.setattr(sampling, "_sample", sample)
+        monkeypatch.setattr(sampling._TextDecoder, "push", push)
         text = "".join(pieces)
         assert text == sampler.generate("caf", length=300, seed=seed, temperature=1.2)
         # pieces never split a character: together they decode like all the bytes at once,

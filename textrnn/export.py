@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ ONNX_FILE = "model.onnx"
 FORMATS = ("onnx",)
 OPSET = 17
 TOLERANCE = 1e-4  # the largest logit difference from PyTorch an export may have
+QUANTIZE_PER_CHANNEL = True  # int8 weights: a scale per output row (BENCHMARKS.md)
 CACHE_DIR = "onnx"  # the sampling engine's export, beside the run's weights
 EXPORT_FILES = {ONNX_FILE, CONFIG_FILE, "tokenizer.json", "tokenizer.model"}
 
@@ -73,7 +75,7 @@ class _Graph:
     def op(self, kind: str, *inputs: str, outputs: int = 1, name: str | None = None, **attributes) -> str | list[str]:
         self._count += 1
         names = [name] if name else [f"{kind.lower()}_{self._count}_{n}" for n in range(outputs)]
-        self.nodes.append(self.helper.make_node(kind, list(inputs), names, **attributes))
+        self.nodes.append(self.helper.make_node(kind, list(inputs), names, name=names[0], **attributes))
         return names[0] if outputs == 1 else names
 
 
@@ -162,6 +164,36 @@ def step_graph(model: nn.Module) -> bytes:
     return onnx_model.SerializeToString()
 
 
+def quantized_graph(onnx_model: bytes | os.PathLike) -> bytes:
+    """The step graph with int8 recurrent weights: onnxruntime's dynamic quantization.
+
+    Each layer's matrix becomes int8 (one scale per output row) and its input is quantized to
+    uint8 at run time, so a token reads a quarter of the fp32 bytes. Layer 0's table (a lookup)
+    and the output head stay fp32. Logits move (by up to 0.24 on a trained 2x512 LSTM fed random
+    ids; its validation loss by 1e-4, BENCHMARKS.md), so the same seed gives different text than
+    fp32: it is an explicit choice, never a default.
+    """
+    _require_onnx()
+    import logging
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load_from_string(onnx_model) if isinstance(onnx_model, bytes) else onnx.load(str(onnx_model))
+    head = ["logits", "logits_MatMul"]  # the head's Gemm, before and after the quantizer splits it
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # it advises pre-processing, which a step graph does not need
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "int8.onnx"
+            quantize_dynamic(model, out, op_types_to_quantize=["Gemm", "MatMul"], nodes_to_exclude=head,
+                             per_channel=QUANTIZE_PER_CHANNEL, weight_type=QuantType.QInt8)
+            return out.read_bytes()
+    finally:
+        logging.getLogger().setLevel(quiet)
+
+
 # ---------------------------------------------------------------- running it
 
 def session(onnx_model: bytes | os.PathLike, threads: int = 1):
@@ -182,19 +214,29 @@ def session(onnx_model: bytes | os.PathLike, threads: int = 1):
 class OnnxStepper:
     """``model.step``'s signature over an onnxruntime session: ids [B] -> logits [B, V], new state.
 
-    The state may come in as torch tensors (from priming) or as the numpy arrays this returns.
-    Batch-1 calls run on a one-thread session, larger batches on one with ``threads`` threads.
+    The state may come in as torch tensors or as the numpy arrays this returns. ``loop()`` gives
+    a faster step for one loop of many calls (a sampler's). Batches run on ``threads`` threads
+    (default: torch's count). Batch 1 runs on ``batch_1_threads``; by default, the cores no other
+    process keeps busy when its first call comes (``runtime.choose_threads``, at most
+    ``threads``): an int8 step ran up to 1.9x faster on two idle cores than on one, while a
+    thread that shares its core with a busy process stalls every step (BENCHMARKS.md).
     """
 
     def __init__(self, onnx_model: bytes | os.PathLike, lstm: bool, threads: int | None = None,
-                 one_thread_at_batch_1: bool = True):
+                 batch_1_threads: int | None = None):
         self.onnx_model, self.lstm = onnx_model, lstm
         self.threads = threads or torch.get_num_threads()
-        self.one_thread_at_batch_1 = one_thread_at_batch_1
+        self.batch_1_threads = batch_1_threads
         self._sessions: dict[int, object] = {}
 
     def _session(self, batch: int):
-        threads = 1 if batch == 1 and self.one_thread_at_batch_1 else self.threads
+        threads = self.threads
+        if batch == 1:
+            if self.batch_1_threads is None:
+                from .runtime import choose_threads
+
+                self.batch_1_threads = min(self.threads, choose_threads(None, look=0.1)[0])
+            threads = self.batch_1_threads
         if threads not in self._sessions:
             self._sessions[threads] = session(self.onnx_model, threads)
         return self._sessions[threads]
@@ -207,11 +249,72 @@ class OnnxStepper:
         outputs = self._session(ids.shape[0]).run(None, feeds)
         return torch.from_numpy(outputs[0]), tuple(outputs[1:])
 
+    def loop(self) -> Callable:
+        """A step with the signature of ``__call__`` for one loop, on buffers of its own (see ``_Bindings``)."""
+        bound: dict[tuple, _Bindings] = {}
+
+        def step(ids, state):
+            shape = tuple(state[0].shape)  # (layers, B, hidden)
+            if shape not in bound:
+                bound[shape] = _Bindings(self._session(shape[1]), shape, self.lstm)
+            return bound[shape].run(ids, state)
+
+        return step
+
+
+class _Bindings:
+    """Two IO bindings of one session whose state buffers swap roles: set k in, set 1 - k out.
+
+    Bound once, a step allocates and copies nothing. A state that is not the one the previous
+    step returned (priming's, a caller's) is copied in. What a step returns is overwritten by
+    the step after (the logits) or the one after that (the state): use it before then.
+    """
+
+    def __init__(self, sess, shape: tuple, lstm: bool):
+        import onnxruntime as ort
+
+        names = ["h", "c"] if lstm else ["h"]
+        vocab = sess.get_outputs()[0].shape[1]
+        self.sess, self.ids = sess, np.zeros(shape[1], np.int64)
+        self.ids_view = torch.from_numpy(self.ids)
+        self.logits = torch.from_numpy(np.zeros((shape[1], vocab), np.float32))
+        self.states = [tuple(np.zeros(shape, np.float32) for _ in names) for _ in range(2)]
+        self._values = []  # the OrtValues wrap these arrays; they must live as long as the bindings
+        self.bindings = []
+        for k in range(2):
+            binding = sess.io_binding()
+            binding.bind_cpu_input("ids", self.ids)
+            for name, array_in, array_out in zip(names, self.states[k], self.states[1 - k]):
+                binding.bind_cpu_input(name, array_in)
+                value = ort.OrtValue.ortvalue_from_numpy(array_out)
+                binding.bind_ortvalue_output(name + "_out", value)
+                self._values.append(value)
+            value = ort.OrtValue.ortvalue_from_numpy(self.logits.numpy())
+            binding.bind_ortvalue_output("logits", value)
+            self._values.append(value)
+            self.bindings.append(binding)
+
+    def run(self, ids, state) -> tuple[torch.Tensor, tuple]:
+        if state is self.states[0]:
+            k = 0
+        elif state is self.states[1]:
+            k = 1
+        else:  # a state from elsewhere (priming, a caller): copy it into set 0
+            k = 0
+            for target, value in zip(self.states[0], state):
+                target[...] = _array(value)
+        if isinstance(ids, np.ndarray):
+            self.ids[...] = ids
+        else:
+            self.ids_view.copy_(ids)
+        self.sess.run_with_iobinding(self.bindings[k])
+        return self.logits, self.states[1 - k]
+
 
 def _array(value) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().float().cpu().contiguous().numpy()
-    return value
+    return np.asarray(value, dtype=np.float32)
 
 
 def check_export(model: nn.Module, onnx_model: bytes | os.PathLike, steps: int = 8, batch: int = 3,

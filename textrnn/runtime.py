@@ -133,13 +133,14 @@ def _busy_cores(seconds: float = 0.25) -> float | None:
     return max(0.0, busy - own)
 
 
-def choose_threads(requested: int | None) -> tuple[int, str]:
+def choose_threads(requested: int | None, look: float = 0.25) -> tuple[int, str]:
     """The intra-op thread count for training, and why.
 
     An explicit count wins, then ``TEXTRNN_THREADS``, then ``OMP_NUM_THREADS`` (torch already
-    follows it). Otherwise: the usable cores that no other process keeps busy right now. Each
-    parallel region waits for its slowest thread, so one thread sharing a core with a busy
-    process slows every step; a thread fewer runs at near full speed instead (BENCHMARKS.md).
+    follows it). Otherwise: the usable cores that no other process keeps busy right now (watched
+    for ``look`` seconds). Each parallel region waits for its slowest thread, so one thread
+    sharing a core with a busy process slows every step; a thread fewer runs at near full speed
+    instead (BENCHMARKS.md).
     """
     if requested:
         return requested, "--threads"
@@ -155,7 +156,7 @@ def choose_threads(requested: int | None) -> tuple[int, str]:
     if os.environ.get("OMP_NUM_THREADS", "").strip():
         return torch.get_num_threads(), "OMP_NUM_THREADS"
     cores = _usable_cores()
-    busy = _busy_cores()
+    busy = _busy_cores(look)
     if busy is None or cores == 1:
         return cores, f"{cores} cores"
     free = max(1, min(cores, round(cores - busy)))

@@ -9,6 +9,7 @@ broken UTF-8. Loading a run lives in ``checkpoint.py``; printing lives in ``cli.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import math
 import numbers
@@ -17,6 +18,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .checkpoint import load_run
@@ -33,6 +35,7 @@ _DRAW_BLOCK = 1024  # uniform numbers drawn per generator call: one call per tok
 
 
 ENGINES = ("auto", "torch", "onnxruntime")
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
 
 
 class SamplingError(TextRNNError, ValueError):
@@ -227,14 +230,19 @@ class Sampler:
     ``length`` extends the text of a shorter one. ``repetition_penalty`` applies to every id in
     the prompt and the sample so far. A char model never generates its unknown id.
 
-    On a CPU, one stream (batch 1) runs its steps on a single thread, whatever torch's setting:
-    a matrix-vector product gains nothing from a second thread and stalls when another process
-    keeps that core busy. The thread count is restored around every step.
+    On a CPU, one stream (batch 1) of the torch engine runs its steps on a single thread,
+    whatever torch's setting: its matrix-vector products gain little from a second thread and
+    stall when another process keeps that core busy. The thread count is restored around every
+    step. The onnxruntime engine runs one stream on the cores found idle when it starts (up to
+    torch's count), where its int8 step gains up to 1.9x from a second one.
 
     ``engine`` runs the per-token step: ``"torch"`` (the model's own ``step``), ``"onnxruntime"``
     (the step exported to ONNX, ``pip install 'textrnn[onnx]'``), or ``"auto"``: onnxruntime
     where it is installed and, timed on this machine for this model and batch size, faster.
-    Both give the same text for a seed, to float rounding. The weights are read at each call,
+    Both give the same text for a seed, to float rounding. ``precision="int8"`` runs the step
+    on onnxruntime with int8 weights (``export.quantized_graph``): the fastest batch-1 path for
+    large models, whose logits move (the validation loss by about 1e-4), so its text for a seed
+    is its own (repeatable, but not fp32's). The weights are read at each call,
     so a sampler held across training follows them (any optimizer step, fused ones included).
     """
 
@@ -263,11 +271,20 @@ class Sampler:
         if precision == "auto":  # fp16 pays once the weights outgrow the caches (BENCHMARKS.md)
             big = sum(p.numel() for p in model.parameters()) >= FP16_FROM_PARAMETERS
             precision = "fp16" if big and self.device.type == "cpu" and fp16_weights_supported() else "fp32"
-        if precision not in ("fp32", "fp16"):
-            raise ConfigError(f"sampling precision must be auto, fp32 or fp16, got {precision!r}")
+        if precision not in PRECISIONS[1:]:
+            raise ConfigError(f"sampling precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         if precision == "fp16" and not (self.device.type == "cpu" and fp16_weights_supported()):
             raise ConfigError(f"fp16 sampling weights need an x86 CPU (fbgemm); this is {self.device.type}, "
                               f"use precision fp32")
+        if precision == "int8":
+            from .export import onnx_available
+
+            if engine == "torch":
+                raise ConfigError("int8 sampling weights run on the onnxruntime engine, not torch")
+            if not onnx_available():
+                raise ConfigError("int8 sampling weights need the onnx extra: pip install 'textrnn[onnx]'")
+            if self.device.type != "cpu" or not hasattr(model, "rnn"):
+                raise ConfigError(f"int8 sampling weights run textrnn models on the CPU; this is {self.device.type}")
         self.precision = precision
 
     @classmethod
@@ -279,7 +296,8 @@ class Sampler:
         for models of 2M parameters or more, and fp32 otherwise: fp16 copies of the recurrent
         weights (accumulated in fp32) make a large model's sampling about 1.5x faster at batch 1,
         with logits within about 1e-3 of fp32, so a seed gives slightly different text than
-        under ``precision="fp32"`` (each is repeatable on its own).
+        under ``precision="fp32"`` (each is repeatable on its own). ``precision="int8"`` is an
+        explicit choice, described on the class.
 
         ``engine`` is described on the class; onnxruntime's export of the step is cached in
         ``RUN_DIR/onnx/`` and reused until the run's weights change.
@@ -385,18 +403,18 @@ class Sampler:
         keep = max((len(s) for s in stops), default=0)
         tails = [""] * num_samples  # the last few characters of each sample, to spot stop strings across pieces
         done = [False] * num_samples
-        # One stream on a CPU steps on one thread: a matrix-vector product gains little from a
-        # second one, and stalls on it for a long time when another process keeps that core busy.
         threads = torch.get_num_threads()
-        one_thread = device.type == "cpu" and num_samples == 1 and threads > 1
+        greedy = temperature < _GREEDY_BELOW
         # Random numbers for a block of tokens come from one call: per token, a call costs more
         # than the draw. Unfiltered sampling takes Gumbel noise (two ops per token); top-k and
         # top-p take one uniform number per sample for the inverse CDF.
         gumbel = (top_k == 0 or top_k >= allowed) and top_p >= 1.0
         block = max(1, min(_DRAW_BLOCK, (1 << 20) // (num_samples * allowed))) if gumbel else _DRAW_BLOCK
+        # One CPU stream, unfiltered or greedy, without a penalty (what `generate` does by
+        # default): the pick is two numpy calls on views of the logits and the noise, and the id
+        # goes to the step through a buffer, so a token costs little beyond its step.
+        lean = device.type == "cpu" and num_samples == 1 and (gumbel or greedy) and repetition_penalty == 1.0
         draws = noise = seen = None
-        # inference mode is entered per token, never held across a yield: the caller's own code
-        # between pieces must run in its own autograd mode
         with torch.inference_mode():
             logits, state = self._first_logits(ids, num_samples)
             if repetition_penalty != 1.0:
@@ -405,24 +423,44 @@ class Sampler:
                     seen[:, torch.tensor(ids, device=device)] = True
             # the weights as they are now, for the whole sample (skips a check per token)
             step = self._step_function(num_samples, state)
+            # One torch stream on a CPU steps on one thread: a matrix-vector product gains little from
+            # a second one, and stalls on it for a long time when another process keeps that core busy.
+            one_thread = device.type == "cpu" and num_samples == 1 and threads > 1 and self.engine_used == "torch"
+            if lean:
+                ids_buffer = np.zeros(1, np.int64)  # the step reads the id written here
+                onnx = self.engine_used == "onnxruntime"  # its steps take and give numpy arrays
+                next_ids = ids_buffer if onnx else torch.from_numpy(ids_buffer)
+                logits_tensor, row = None, None
         for position in range(length):
             column = position % block
-            with torch.inference_mode():
-                if temperature >= _GREEDY_BELOW and column == 0:
+            # torch ops run in inference mode, entered per token and never held across a yield:
+            # the caller's own code between pieces must run in its own autograd mode
+            with contextlib.nullcontext() if lean and onnx and column else torch.inference_mode():
+                if not greedy and column == 0:
                     if gumbel:
                         noise = _gumbel_noise((block, num_samples, allowed), temperature, generator, device)
+                        if lean:
+                            noise = noise.numpy()[:, 0]  # (block, allowed)
                     else:  # uniform numbers in (0, 1]
                         draws = 1.0 - torch.rand(num_samples, block, generator=generator, device=device)
-                logits = logits[:, :allowed]
-                if seen is not None:
-                    logits = _penalize(logits, seen[:, :allowed], repetition_penalty)
-                next_ids = _sample(logits, temperature, top_k, top_p, generator,
-                                   None if draws is None else draws[:, column:column + 1],
-                                   None if noise is None else noise[column])  # (B,)
-                if seen is not None:
-                    seen.scatter_(1, next_ids[:, None], True)
+                if lean:
+                    if logits is not logits_tensor:  # onnxruntime's logits are one buffer, rewritten each step
+                        logits_tensor, row = logits, logits.numpy()[0, :allowed]
+                    # argmax(logits / T + Gumbel) is a draw from softmax(logits / T); the same pick as _sample's
+                    ids_buffer[0] = token = int(row.argmax() if greedy else (row + noise[column]).argmax())
+                    tokens = (token,)
+                else:
+                    logits = logits[:, :allowed]
+                    if seen is not None:
+                        logits = _penalize(logits, seen[:, :allowed], repetition_penalty)
+                    next_ids = _sample(logits, temperature, top_k, top_p, generator,
+                                       None if draws is None else draws[:, column:column + 1],
+                                       None if noise is None else noise[column])  # (B,)
+                    if seen is not None:
+                        seen.scatter_(1, next_ids[:, None], True)
+                    tokens = next_ids.tolist()
                 pieces = []
-                for index, token in enumerate(next_ids.tolist()):
+                for index, token in enumerate(tokens):
                     if done[index]:
                         continue
                     piece = decoders[index].push(token)
@@ -458,7 +496,7 @@ class Sampler:
 
     def _onnx_step(self):
         """The onnxruntime step for the weights as they are now (re-exported when they change)."""
-        from .export import OnnxStepper, _checked_graph, cached_step_graph
+        from .export import OnnxStepper, _checked_graph, cached_step_graph, quantized_graph
 
         key = self.model.weights_key()
         if self._onnx is None or self._onnx[0] != key:
@@ -466,12 +504,14 @@ class Sampler:
                 graph = cached_step_graph(self.run_dir, self.model, self.tokenizer)
             else:
                 graph = _checked_graph(self.model)
+            if self.precision == "int8":
+                graph = quantized_graph(graph)
             self._onnx = (key, OnnxStepper(graph, self.model.config.cell == "lstm"))
         return self._onnx[1]
 
     def _step_function(self, num_samples: int, state: tuple):
         """The step of the engine for this call; ``auto`` times both once per batch size and weights."""
-        engine = self.engine
+        engine = "onnxruntime" if self.precision == "int8" else self.engine
         if engine == "auto":
             engine = "torch"
             if self.device.type == "cpu" and hasattr(self.model, "weights_key"):
@@ -480,7 +520,7 @@ class Sampler:
                 if onnx_available():
                     engine = self._auto_engine(num_samples, state)
         self.engine_used = engine
-        return self._onnx_step() if engine == "onnxruntime" else self._torch_step()
+        return self._onnx_step().loop() if engine == "onnxruntime" else self._torch_step()
 
     def _auto_engine(self, num_samples: int, state: tuple) -> str:
         from .export import time_steps
