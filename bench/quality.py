@@ -72,7 +72,7 @@ def run_textrnn(data_dir: Path, minutes: float, model_overrides: dict | None = N
     """
     model_overrides = dict(model_overrides or {})
     name = model_overrides.pop("preset", DEFAULT_PRESET)
-    model_config = preset(name, **model_overrides)
+    model_config = preset(name, minutes * 60, **model_overrides)  # "auto" sizes the model for the budget
     with tempfile.TemporaryDirectory() as tmp:
         config = TrainConfig(**{**(train_overrides or {}), "max_time": minutes * 60})
         result = train([data_dir], Path(tmp) / "run", model_config, config, log=log)

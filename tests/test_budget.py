@@ -328,3 +328,29 @@ def test_threads_are_honoured(tmp_path, data_dir, monkeypatch):
     assert bad.code == 2 and "TEXTRNN_THREADS" in bad.stderr
     shown = invoke("train", "--help")
     assert "--threads" in shown.stdout and "[default: 64]" in shown.stdout
+
+
+def test_the_default_model_is_sized_for_the_budget(data_dir, tmp_path):
+    from textrnn.config import AUTO_WIDE_FROM, preset
+
+    small = preset("small")
+    assert preset("auto") == small == preset("auto", AUTO_WIDE_FROM - 1)  # no budget, or a short one
+    wide = preset("auto", AUTO_WIDE_FROM)
+    assert (wide.num_layers, wide.hidden_size, wide.dropout) == (2, 384, 0.15)
+
+    def trained(name: str, *flags) -> dict:
+        result = invoke("train", data_dir, "--out", tmp_path / name, "--max-steps", "2", "--eval-tokens", "200",
+                        "--threads", "1", *flags)
+        assert result.code == 0, result.stderr
+        return json.loads((tmp_path / name / "config.json").read_text())["model"]
+
+    assert trained("short", "--max-time", "5m")["hidden_size"] == 256
+    long = trained("long", "--max-time", "20m")
+    assert (long["hidden_size"], long["dropout"]) == (384, 0.15)
+    assert trained("named", "--max-time", "20m", "--preset", "small")["hidden_size"] == 256  # a named preset wins
+    assert trained("shaped", "--max-time", "20m", "--hidden", "320")["hidden_size"] == 320  # and a shape flag
+    # the Python API without a model config follows the same rule
+    result = train([data_dir], tmp_path / "api", None, TrainConfig(max_time=AUTO_WIDE_FROM, max_steps=2, threads=1))
+    assert json.loads((result.run_dir / "config.json").read_text())["model"]["hidden_size"] == 384
+    # fine-tuning keeps the base's model: auto never contradicts it
+    assert trained("tuned", "--init-from", tmp_path / "short", "--preset", "auto")["hidden_size"] == 256

@@ -16,8 +16,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import (CELLS, DEFAULT_PRESET, DEVICES, PRECISIONS, PRESETS, RESUME_OVERRIDES, TOKENIZERS, ModelConfig,
-                     TrainConfig, build_configs, count_parameters, format_duration, help_text, parse_duration, preset,
+from .config import (AUTO_WIDE, AUTO_WIDE_FROM, CELLS, DEVICES, PRECISIONS, PRESETS, RESUME_OVERRIDES, TOKENIZERS,
+                     ModelConfig, TrainConfig, build_configs, count_parameters, format_duration, help_text, parse_duration, preset,
                      read_toml_settings)
 from .errors import InputError, TextRNNError
 
@@ -121,6 +121,7 @@ class SamplePrecision(str, Enum):
     auto = "auto"
     fp32 = "fp32"
     fp16 = "fp16"
+    int8 = "int8"
 
 
 class Engine(str, Enum):
@@ -150,7 +151,10 @@ class Unknown(str, Enum):
 
 def _preset_help() -> str:
     sizes = ", ".join(f"{name} {count_parameters(preset(name), 65) / 1e6:.2f}M" for name in PRESETS)
-    return f"Model size preset (parameters at a 65-symbol vocabulary: {sizes}). Default {DEFAULT_PRESET}."
+    wide = count_parameters(preset("auto", AUTO_WIDE_FROM), 65) / 1e6
+    return (f"Model size preset (parameters at a 65-symbol vocabulary: {sizes}). Default auto: small, or, for a "
+            f"--max-time of {format_duration(AUTO_WIDE_FROM)} or more, a wider 2x{AUTO_WIDE['hidden_size']} "
+            f"({wide:.2f}M, dropout {AUTO_WIDE['dropout']}).")
 
 
 # ---------------------------------------------------------------- preprocess
@@ -194,7 +198,8 @@ Stops at --max-steps, --epochs or --max-time, whichever comes first (a 10-minute
 is given). A time budget is wall time for the whole run, final evaluation and save included
 (preprocessing raw text is reported apart): after a short calibration it becomes a planned
 number of steps, which the learning-rate schedule and the evaluations follow. Ctrl-C saves the
-run; continue it with --resume RUN_DIR. Presets: {", ".join(PRESETS)}.""")
+run; continue it with --resume RUN_DIR. Presets: auto (the default: sized for the budget),
+{", ".join(PRESETS)}.""")
 def train(
     inputs: Annotated[Optional[list[Path]], typer.Argument(help="Text files, directories, or a preprocess directory.",
                                                            show_default=False)] = None,
@@ -375,7 +380,8 @@ def generate(
     device: Annotated[Device, typer.Option(help="Device.")] = Device.auto,
     precision: Annotated[SamplePrecision, typer.Option(
         help="Sampling weights: auto is fp16 on x86 CPUs for models of 2M+ parameters (faster, logits "
-             "within ~1e-3), fp32 otherwise.")
+             "within ~1e-3), fp32 otherwise; int8 runs on onnxruntime, fastest for large models at the "
+             "cost of text that differs from fp32's for a seed (see README).")
     ] = SamplePrecision.auto,
     engine: Annotated[Engine, typer.Option(
         help="Per-token step: torch, onnxruntime (pip install 'textrnn[onnx]'), or auto: onnxruntime where "

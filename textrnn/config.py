@@ -69,14 +69,26 @@ PRESETS: dict[str, dict[str, Any]] = {
     "medium": dict(num_layers=2, hidden_size=512, embedding_dim=128, dropout=0.2),
     "large": dict(num_layers=3, hidden_size=1024, embedding_dim=256, dropout=0.3),
 }
-DEFAULT_PRESET = "small"  # the lowest val loss after 2, 5 and 10 CPU minutes (BENCHMARKS.md)
+# "auto", the default, sizes the model for the time budget (BENCHMARKS.md §0, tiny Shakespeare):
+# "small" has the lowest val loss at 2 and 10 CPU minutes, and stops improving by 30 (1.4071 at
+# 30 against 1.4069 at 10); from AUTO_WIDE_FROM seconds on, a wider model with more dropout has
+# the steps it needs (30 minutes: 1.3817 on one core, 1.3900 for "medium"). Without a time
+# budget (--max-steps, --epochs, or the trainer's 10-minute default) it is "small".
+AUTO_WIDE_FROM = 20 * 60.0
+AUTO_WIDE = dict(num_layers=2, hidden_size=384, embedding_dim=128, dropout=0.15)
+DEFAULT_PRESET = "auto"
+PRESET_CHOICES = ("auto", *PRESETS)
 
 
-def preset(name: str, **overrides: Any) -> ModelConfig:
-    """The ModelConfig of a named preset, with any fields overridden."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return ModelConfig(**{**PRESETS[name], **overrides})
+def preset(name: str, max_time: float | None = None, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a preset, with any fields overridden; ``auto`` follows ``max_time`` (seconds)."""
+    if name == "auto":
+        shape = AUTO_WIDE if max_time is not None and max_time >= AUTO_WIDE_FROM else PRESETS["small"]
+    elif name in PRESETS:
+        shape = PRESETS[name]
+    else:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_CHOICES)}")
+    return ModelConfig(**{**shape, **overrides})
 
 
 def count_parameters(config: ModelConfig, vocab_size: int | None = None) -> int:
@@ -256,7 +268,7 @@ def help_text(config_class: type, name: str) -> str:
     """A setting's help with its default, for ``--help``: the dataclass field is the one source
     (a model size's default is the preset's)."""
     item = next(f for f in dataclasses.fields(config_class) if f.name == name)
-    if config_class is ModelConfig and name in PRESETS[DEFAULT_PRESET]:
+    if config_class is ModelConfig and name in PRESETS["small"]:
         return item.metadata["help"] + " [default: the preset's]"
     default = item.default
     shown = "" if default is None else f" [default: {format_duration(default) if name == 'max_time' else default}]"
@@ -313,7 +325,7 @@ def build_configs(file_settings: dict[str, Any], flags: dict[str, Any], source: 
         value = settings.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
             raise ConfigError(f"{source}: {key} has the wrong type ({type(value).__name__}: {value!r})")
-    base = preset(settings.pop("preset", DEFAULT_PRESET))
+    base = preset(settings.pop("preset", DEFAULT_PRESET), settings.get("max_time"))
     model = {**base.to_dict(), **{k: v for k, v in settings.items() if k in MODEL_KEYS}}
     data = {**DATA_DEFAULTS, **{k: settings[k] for k in DATA_DEFAULTS if k in settings}}
     train = {k: v for k, v in settings.items() if k in TRAIN_KEYS}
@@ -330,7 +342,8 @@ def finetune_model_config(base: ModelConfig, settings: dict[str, Any], source: s
     (``SHAPE_KEYS``) that contradicts the base is refused, since the base's weights would not fit;
     ``dropout`` and ``weight_drop`` may change. The vocabulary size is set later, from the tokenizer.
     """
-    given = dict(preset(settings["preset"]).to_dict()) if settings.get("preset") is not None else {}
+    named = settings.get("preset") not in (None, "auto")  # auto means: whatever fits, so the base's model
+    given = dict(preset(settings["preset"]).to_dict()) if named else {}
     given.update({k: v for k, v in settings.items() if k in MODEL_KEYS and v is not None})
     clashes = [f"{k} {given[k]!r} (the base has {getattr(base, k)!r})" for k in SHAPE_KEYS
                if k in given and given[k] != getattr(base, k)]

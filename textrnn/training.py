@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .config import ModelConfig, TrainConfig, format_duration
+from .config import DEFAULT_PRESET, ModelConfig, TrainConfig, format_duration, preset
 from .data import Dataset, TrainStreams, is_dataset_dir, load_dataset, preprocess
 from .distributed import Dist, agree, barrier, broadcast, gather_hidden, gather_rng, init_distributed, reduce_step
 from .errors import CheckpointError, ConfigError, InputError, TextRNNError, TrainingError
@@ -179,8 +179,9 @@ def _train(dist_info: Dist, device: torch.device, *, inputs, out_dir, model_conf
         config = _setup_resume(run_dir, overrides)
     else:
         base = read_base(Path(init_from), model_config, data_settings) if init_from else None
-        model_config = base.model_config if base else (model_config or ModelConfig())
         train_config = train_config or TrainConfig()
+        # no model config: the default preset ("auto"), sized for the budget given
+        model_config = base.model_config if base else (model_config or preset(DEFAULT_PRESET, train_config.max_time))
         resolve_precision(train_config.precision, device)  # fail before a half-made run directory blocks --out
         if not (train_config.max_steps or train_config.max_time or train_config.epochs):
             train_config.max_time = DEFAULT_MAX_TIME
