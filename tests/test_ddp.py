@@ -310,3 +310,18 @@ def test_resume_with_another_world_size_warns_and_goes_on(ddp_runs: Path, tmp_pa
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     _worker(Path(sys.argv[2]), Path(sys.argv[3]), [int(port) for port in sys.argv[4:7]])
+
+
+@pytest.mark.ddp
+def test_evaluate_scores_a_two_process_run_as_its_trainer_did(ddp_runs: Path, tmp_path: Path) -> None:
+    from textrnn.evaluation import evaluate_file
+
+    summary = json.loads((ddp_runs / "summary-0.json").read_text())
+    run_dir = ddp_runs / "work" / summary["straight"]["run_dir"]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["evaluation"] == {"streams": 2 * BATCH, "precision": "fp32"}  # both ranks' streams
+    text = (ddp_runs / "corpus.txt").read_text(encoding="utf-8")
+    val = tmp_path / "val.txt"
+    val.write_text(text[len(text) - int(len(text) * 0.1):], encoding="utf-8")  # what preprocess held out
+    best = min(row["val_loss"] for row in _train_rows(run_dir) if row["kind"] == "eval")
+    assert evaluate_file(run_dir, val, device="cpu").loss == pytest.approx(best, abs=1e-6)

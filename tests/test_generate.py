@@ -264,6 +264,23 @@ def test_evaluate_agrees_with_the_trainers_val_bpc(cli, run_dir, tmp_path):
     assert f"loss {last_eval['val_loss']:.4f} nats/token" in printed.out and "perplexity" in printed.out
 
 
+def test_evaluate_scores_a_bf16_run_as_its_trainer_did(tmp_path):
+    from textrnn.runtime import _cpu_bf16_rnn_works, cpu_has_fast_bf16
+    from textrnn.training import train
+
+    if not (cpu_has_fast_bf16() and _cpu_bf16_rnn_works()):
+        pytest.skip("no bf16 matrix units on this CPU: the trainer evaluates in fp32 here")
+    (tmp_path / "corpus.txt").write_text(corpus_text(), encoding="utf-8")
+    result = train([tmp_path / "corpus.txt"], tmp_path / "run", ModelConfig(num_layers=1, hidden_size=32, embedding_dim=16),
+                   TrainConfig(max_steps=20, batch_size=8, eval_batches=5, seq_len=32, eval_every=20, lr=1e-2,
+                               warmup_steps=3, device="cpu"), val_fraction=VAL_FRACTION)
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert config["evaluation"] == {"streams": 5, "precision": "bf16"}
+    val = tmp_path / "val.txt"
+    val.write_text(validation_text(), encoding="utf-8")
+    assert evaluate_file(result.run_dir, val, device="cpu").loss == pytest.approx(result.best_val_loss, abs=1e-6)
+
+
 def test_evaluate_counts_unknown_characters(cli, run_dir, tmp_path):
     text = validation_text()
     odd = tmp_path / "odd.txt"

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import eval_windows, read_chunks
-from .errors import InputError
-from .runtime import autocast
+from .errors import ConfigError, InputError
+from .runtime import autocast, resolve_device, resolve_precision
 
 
 @dataclass
@@ -46,7 +46,9 @@ def evaluate_ids(model: torch.nn.Module, ids: np.ndarray, *, seq_len: int, strea
     targets = np.asarray(ids)
     if mask is not None:
         targets = np.where(mask, ids, -100)
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    # the sums are float64, so no window's loss is rounded away; MPS has no float64: they stay on the CPU
+    sums_device = torch.device("cpu") if device.type == "mps" else device
+    total = torch.zeros(2, dtype=torch.float64, device=sums_device)
     state = None
     # windows are made as they are used, never all at once: a split may be larger than memory
     windows = eval_windows(ids, seq_len, total_streams, owned) if len(owned) else iter(())
@@ -68,8 +70,8 @@ def evaluate_ids(model: torch.nn.Module, ids: np.ndarray, *, seq_len: int, strea
             logits, state = model(x_t, state)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y_t.reshape(-1),
                                ignore_index=-100, reduction="sum")
-        total[0] += loss.double()
-        total[1] += (y_t != -100).sum()
+        total[0] += loss.detach().to(sums_device).double()
+        total[1] += (y_t != -100).sum().to(sums_device)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -104,7 +106,6 @@ def evaluate_file(run_dir: str | os.PathLike, file: str | os.PathLike, *, device
     both the loss and the character count of bits per character.
     """
     from .checkpoint import load_run
-    from .runtime import resolve_device
 
     run = load_run(run_dir, resolve_device(device))
     path = Path(file)
@@ -123,8 +124,17 @@ def evaluate_file(run_dir: str | os.PathLike, file: str | os.PathLike, *, device
     if len(ids) < 2:
         raise InputError(f"{path}: too short to evaluate (needs at least two tokens)")
     train = run.config["train"]
-    loss_sum, scored = evaluate_ids(run.model, ids, seq_len=train["seq_len"],
-                                    streams=train.get("eval_batches") or train["batch_size"], device=run.device,
-                                    precision="fp32", mask=mask, progress=progress)
+    # as the trainer evaluated: its streams (all processes') and its precision, where this device has it
+    evaluation = run.config.get("evaluation") or {}
+    streams = (evaluation.get("streams") or train.get("eval_batches")
+               or train["batch_size"] * run.config.get("world_size", 1))
+    precision = evaluation.get("precision", "fp32")
+    if precision != "fp32":
+        try:
+            precision = resolve_precision(precision, run.device)
+        except ConfigError:
+            precision = "fp32"  # trained in bf16, scored here in fp32: equal to about the third decimal
+    loss_sum, scored = evaluate_ids(run.model, ids, seq_len=train["seq_len"], streams=streams, device=run.device,
+                                    precision=precision, mask=mask, progress=progress)
     chars_per_token = (len(text) - unknown) / max(len(ids) - unknown, 1)
     return summarize(loss_sum, scored, chars_per_token, unknown)

@@ -262,6 +262,12 @@ def _train(dist_info: Dist, device: torch.device, *, inputs, out_dir, model_conf
 
     # as many eval streams as train streams over all ranks, so N ranks x B report what 1 x N*B would
     eval_streams = train_config.eval_batches or batch * dist_info.world_size
+    # what `evaluate` needs to score as the trainer does: the streams (all ranks') and the precision
+    evaluation = {"streams": eval_streams, "precision": precision}
+    if dist_info.is_main and config.get("evaluation") != evaluation:  # a new run, or resumed elsewhere
+        on_disk = ckpt.run_config(run_dir)  # not the in-memory config: resume overrides stay out of the file
+        on_disk["evaluation"] = config["evaluation"] = evaluation
+        ckpt.write_json(run_dir / ckpt.CONFIG_FILE, on_disk)
 
     def evaluate(tokens: int | None = None) -> tuple[float, float, int]:
         """Validation loss, bpc and tokens scored, over the first ``tokens`` tokens (all for None)."""
