@@ -17,8 +17,8 @@ from typing import Annotated, Optional
 import typer
 
 from .config import (AUTO_WIDE, AUTO_WIDE_FROM, CELLS, DEVICES, PRECISIONS, PRESETS, RESUME_OVERRIDES, TOKENIZERS,
-                     ModelConfig, TrainConfig, build_configs, count_parameters, format_duration, help_text, parse_duration, preset,
-                     read_toml_settings)
+                     ModelConfig, TrainConfig, build_configs, count_parameters, format_duration, help_text,
+                     parse_duration, preset, read_toml_settings)
 from .errors import InputError, TextRNNError
 
 try:  # typer ships its own copy of click
