@@ -80,9 +80,30 @@ def run_textrnn(data_dir: Path, minutes: float, model_overrides: dict | None = N
         rows = [{"minutes": r["elapsed"] / 60, "step": r["step"], "val_loss": r["val_loss"]}
                 for r in metrics if r["kind"] == "eval"]
         speed = [r["chars_per_sec"] for r in metrics if r["kind"] == "train"]
+        if config.ema and rows:  # the same run's own final weights, scored as its average was: the pair
+            rows[-1]["raw_val_loss"] = score_raw_weights(result.run_dir, data_dir)
+            log(f"val loss {rows[-1]['val_loss']:.4f} with the weight average, {rows[-1]['raw_val_loss']:.4f} "
+                f"with the final weights")
     for row in rows:
         row["chars_per_sec"] = sum(speed) / max(len(speed), 1)
     return rows
+
+
+def score_raw_weights(run_dir: Path, data_dir: Path) -> float:
+    """Val loss (whole split) of the weights the optimizer ended with, in a run trained with ``ema``:
+    they are in ``last/model.safetensors``, scored with the streams and precision of its evaluations."""
+
+    from textrnn.checkpoint import load_run, load_weights
+    from textrnn.data import load_dataset
+    from textrnn.evaluation import evaluate_ids
+
+    run = load_run(run_dir, "cpu", weights="last")
+    load_weights(run.model, Path(run_dir) / "last" / "model.safetensors")
+    evaluation = run.config["evaluation"]
+    loss_sum, count = evaluate_ids(run.model, load_dataset(data_dir).split("val"), seq_len=run.config["train"]["seq_len"],
+                                   streams=evaluation["streams"], device=torch.device("cpu"),
+                                   precision=evaluation["precision"])
+    return loss_sum / count
 
 
 def final(rows: list[dict]) -> float:

@@ -281,6 +281,40 @@ def test_interrupted_and_resumed_equals_straight(tmp_path, data_dir, cell, stop_
     _compare_runs(tmp_path / "straight", tmp_path / "resumed")
 
 
+def test_weight_average_is_evaluated_saved_loaded_and_resumed_exactly(tmp_path, data_dir):
+    """--ema: training itself is untouched (the same train rows and raw weights as without it), while
+    evaluations, the best weights, ``--weights last`` and a resume all use the average."""
+    model_config = tiny_model(num_layers=2, dropout=0.3)
+    plain = train([data_dir], tmp_path / "plain", model_config, tiny_train(max_steps=26, eval_every=8))
+    config = tiny_train(max_steps=26, eval_every=8, ema=0.9)
+    averaged = train([data_dir], tmp_path / "straight", model_config, config)
+    run = tmp_path / "straight"
+    assert [r["loss"] for r in _metrics(run, "train")] == [r["loss"] for r in _metrics(tmp_path / "plain", "train")]
+    raw, average = ckpt.load_tensors(run / "last" / "model.safetensors"), ckpt.load_tensors(run / "last" / "average.safetensors")
+    assert raw.keys() == average.keys()
+    for name, tensor in ckpt.load_tensors(tmp_path / "plain" / "last" / "model.safetensors").items():
+        assert torch.equal(raw[name], tensor), name
+    assert any(not torch.equal(raw[name], average[name]) for name in raw)
+    assert averaged.best_val_loss != plain.best_val_loss
+
+    # what the trainer scored last is the average, and that is what --weights last loads
+    loaded = ckpt.load_run(run, weights="last")
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(tensor, average[name]), name
+    val_ids = load_dataset(data_dir).split("val")
+    loss_sum, count = evaluate_ids(loaded.model, val_ids, seq_len=32, streams=8, device=torch.device("cpu"),
+                                   precision="fp32")
+    assert loss_sum / count == pytest.approx(_metrics(run, "eval")[-1]["val_loss"], rel=1e-6)
+
+    with pytest.raises(Interrupted):
+        train([data_dir], tmp_path / "resumed", model_config, config, should_stop=lambda step: step == 13)
+    train(resume=tmp_path / "resumed")
+    _compare_runs(run, tmp_path / "resumed")
+    resumed_average = ckpt.load_tensors(tmp_path / "resumed" / "last" / "average.safetensors")
+    for name in average:
+        torch.testing.assert_close(resumed_average[name], average[name], atol=1e-6, rtol=0, msg=name)
+
+
 def test_resume_can_extend_a_finished_run(tmp_path, data_dir):
     """A finished run continues to a larger --max-steps (its schedule stretches, so not bit-exact)."""
     run_dir = tmp_path / "run"

@@ -22,6 +22,7 @@ FORMAT_VERSION = 1
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+AVERAGE_FILE = "average.safetensors"  # in last/: the weight average (--ema), which is what last/ is loaded as
 LAST_DIR = "last"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
@@ -189,15 +190,20 @@ def weights_file(run_dir: str | os.PathLike, weights: str = "best") -> Path:
     """The weights file a run is loaded from: ``best`` (model.safetensors) or ``last`` (last/).
 
     A run killed before its first evaluation has no best weights yet; its latest saved ones are
-    the best there are, so ``best`` falls back to them.
+    the best there are, so ``best`` falls back to them. A run trained with a weight average
+    (``--ema``) is evaluated with the average, so ``last`` means the average too.
     """
     run_dir = Path(run_dir)
     if weights == "last":
-        return last_dir(run_dir) / WEIGHTS_FILE
+        return _last_weights(last_dir(run_dir))
     best = run_dir / WEIGHTS_FILE
     if not best.exists() and (run_dir / LAST_DIR / WEIGHTS_FILE).is_file():
-        return run_dir / LAST_DIR / WEIGHTS_FILE
+        return _last_weights(run_dir / LAST_DIR)
     return best
+
+
+def _last_weights(last: Path) -> Path:
+    return last / AVERAGE_FILE if (last / AVERAGE_FILE).is_file() else last / WEIGHTS_FILE
 
 
 def load_run(run_dir: str | os.PathLike, device=None, weights: str = "best") -> Run:

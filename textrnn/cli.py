@@ -219,6 +219,7 @@ def train(
     warmup: Annotated[Optional[int], typer.Option(help=_train_help("warmup_steps"))] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help=_train_help("weight_decay"))] = None,
     clip: Annotated[Optional[float], typer.Option(help=_train_help("grad_clip"))] = None,
+    ema: Annotated[Optional[float], typer.Option(help=_train_help("ema"))] = None,
     max_steps: Annotated[Optional[int], typer.Option(help=_train_help("max_steps"))] = None,
     max_time: Annotated[Optional[str], typer.Option(help=_train_help("max_time"))] = None,
     epochs: Annotated[Optional[float], typer.Option(help=_train_help("epochs"))] = None,
@@ -246,7 +247,7 @@ def train(
     flags = {
         "cell": _value(cell), "num_layers": layers, "hidden_size": hidden, "embedding_dim": embed,
         "dropout": dropout, "weight_drop": weight_drop, "tie_weights": tie, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
-        "warmup_steps": warmup, "weight_decay": weight_decay, "grad_clip": clip, "max_steps": max_steps,
+        "warmup_steps": warmup, "weight_decay": weight_decay, "grad_clip": clip, "ema": ema, "max_steps": max_steps,
         "max_time": _run(parse_duration, max_time) if max_time is not None else None, "epochs": epochs,
         "eval_every": eval_every, "eval_tokens": eval_tokens, "sample_length": sample_length,
         "sample_prompt": sample_prompt, "seed": seed, "threads": threads,

@@ -117,6 +117,8 @@ class TrainConfig:
     warmup_steps: int = _field(100, "Linear warmup steps (at most 5% of the planned steps).")
     weight_decay: float = _field(0.1, "AdamW decoupled weight decay on matrices.")
     grad_clip: float = _field(1.0, "Global-norm gradient clip (0 = off).")
+    ema: float = _field(0.0, "Evaluate, keep and sample from an exponential moving average of the weights "
+                             "with this decay, e.g. 0.999 (0 = off).")
     max_steps: int | None = _field(None, "Stop after N optimizer steps, counted from the run's start.")
     max_time: float | None = _field(None, "Wall-clock budget for the whole run: 90s, 10m, 1h30m "
                                           "(10m when no stopping rule is given).")
@@ -156,6 +158,8 @@ class TrainConfig:
             raise ConfigError("warmup_steps and checkpoint_every must be >= 0")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"ema must be in [0, 1) (0 = off), got {self.ema}")
         if not (self.grad_clip >= 0 and math.isfinite(self.grad_clip)):
             raise ConfigError(f"grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         if self.max_steps is not None and self.max_steps < 1:

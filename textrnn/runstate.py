@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .averaging import WeightAverage
 from .distributed import Dist
 from .model import State
 from .errors import CheckpointError
@@ -64,20 +65,24 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Te
 
 
 def save_last(run_dir: Path, model, optimizer, state: dict, hidden: State, rng: dict[str, torch.Tensor],
-              dist_info: Dist) -> None:
-    """Replace ``last/`` as a whole: weights, optimizer, stream states, RNG and ``state.json``."""
+              dist_info: Dist, average: WeightAverage | None = None) -> None:
+    """Replace ``last/`` as a whole: weights (and their average), optimizer, stream states, RNG and
+    ``state.json``."""
     tensors = {f"hidden.{i}": h for i, h in enumerate(hidden)}
     tensors.update(rng)
     with ckpt.staging_directory(run_dir / ckpt.LAST_DIR) as tmp:
         (tmp / ckpt.WEIGHTS_FILE).write_bytes(ckpt.tensor_bytes(ckpt.model_tensors(model)))
+        if average is not None:
+            (tmp / ckpt.AVERAGE_FILE).write_bytes(ckpt.tensor_bytes(average.tensors()))
         (tmp / ckpt.OPTIMIZER_FILE).write_bytes(ckpt.tensor_bytes(optimizer_tensors(optimizer)))
         (tmp / ckpt.STATE_TENSORS_FILE).write_bytes(ckpt.tensor_bytes(tensors))
         ckpt.write_json(tmp / ckpt.STATE_FILE, {"format": "textrnn-state", "version": ckpt.FORMAT_VERSION,
                                                 **state, "world_size": dist_info.world_size})
 
 
-def restore(run_dir: Path, model, optimizer, dist_info: Dist, device, log) -> tuple[dict, State | None]:
-    """Model, optimizer, counters, hidden state and RNG from ``last/``."""
+def restore(run_dir: Path, model, optimizer, dist_info: Dist, device, log,
+            average: WeightAverage | None = None) -> tuple[dict, State | None]:
+    """Model (and its weight average), optimizer, counters, hidden state and RNG from ``last/``."""
     last = ckpt.last_dir(run_dir)
     state = ckpt.read_json(last / ckpt.STATE_FILE, "checkpoint")
     ckpt.check_format(state, "textrnn-state", last / ckpt.STATE_FILE)
@@ -86,6 +91,8 @@ def restore(run_dir: Path, model, optimizer, dist_info: Dist, device, log) -> tu
             raise CheckpointError(f"{last / ckpt.STATE_FILE}: missing or invalid {key!r}")
     ckpt.load_weights(model, last / ckpt.WEIGHTS_FILE)
     load_optimizer(optimizer, ckpt.load_tensors(last / ckpt.OPTIMIZER_FILE), last / ckpt.OPTIMIZER_FILE)
+    if average is not None:
+        average.load(ckpt.load_tensors(last / ckpt.AVERAGE_FILE), last / ckpt.AVERAGE_FILE)
     tensors = ckpt.load_tensors(last / ckpt.STATE_TENSORS_FILE)
     hidden = None
     if state["world_size"] == dist_info.world_size:

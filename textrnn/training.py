@@ -10,6 +10,7 @@ plot in ``plot.py``. Nothing here prints: messages go to the ``log`` callback, t
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from .averaging import WeightAverage
 from .config import DEFAULT_PRESET, ModelConfig, TrainConfig, format_duration, preset
 from .data import Dataset, TrainStreams, is_dataset_dir, load_dataset, preprocess
 from .distributed import Dist, agree, barrier, broadcast, gather_hidden, gather_rng, init_distributed, reduce_step
@@ -231,12 +233,14 @@ def _train(dist_info: Dist, device: torch.device, *, inputs, out_dir, model_conf
     if dist_info.enabled:  # the same initial weights everywhere, but each rank its own dropout masks
         torch.manual_seed(train_config.seed + 7919 * dist_info.rank)
     optimizer = _optimizer(model, train_config, fused_ok=device.type in ("cuda", "cpu"))
+    average = WeightAverage(model, train_config.ema) if train_config.ema else None
+    averaged = average.applied if average else contextlib.nullcontext  # what evaluations and saves see
     state: dict = {"step": 0, "epoch": 0, "step_in_epoch": 0, "elapsed": 0.0, "best_val_loss": None,
                    "best_val_bpc": None, "bad_steps": 0, "world_size": dist_info.world_size,
                    "last_eval_step": None, "status": "training"}
     hidden: State | None = None
     if resume:
-        state, hidden = restore(run_dir, model, optimizer, dist_info, device, log)
+        state, hidden = restore(run_dir, model, optimizer, dist_info, device, log, average)
         state.setdefault("last_eval_step", None)
         if dist_info.is_main:
             ckpt.remove_stale_temporaries(run_dir)
@@ -291,7 +295,7 @@ def _train(dist_info: Dist, device: torch.device, *, inputs, out_dir, model_conf
         every_stream = gather_hidden(hidden, dist_info)  # collectives: all ranks take part
         rng = gather_rng(dist_info, device)
         if dist_info.is_main:
-            save_last(run_dir, model, optimizer, state, every_stream, rng, dist_info)
+            save_last(run_dir, model, optimizer, state, every_stream, rng, dist_info, average)
 
     def clock() -> float:
         """Training time of the run so far: earlier sessions, then this process less preprocessing."""
@@ -330,6 +334,8 @@ def _train(dist_info: Dist, device: torch.device, *, inputs, out_dir, model_conf
             hidden = model.init_state(batch, device)  # a poisoned state must not carry on
         else:
             optimizer.step()
+            if average is not None:
+                average.update(state["step"])
             hidden = detach_state(new_hidden)
         state["step"] += 1
         state["step_in_epoch"] += 1
@@ -351,12 +357,15 @@ def _train(dist_info: Dist, device: torch.device, *, inputs, out_dir, model_conf
             if train_config.max_time:  # time a few real steps, then take them back
                 model.train()
                 saved = snapshot(model, optimizer, state, hidden)
+                saved_average = average.copy() if average else None
                 step_seconds = time_steps(train_step, train_config, clock, signals, dist_info, device)
                 hidden = rollback(saved, model, optimizer, state)
+                if average:
+                    average.put_back(saved_average)
                 if step_seconds is None:  # a signal came while calibrating
                     state["elapsed"] = clock()
                     return _interrupted(run_dir, evaluate, sample, save_last_now, model, state, dist_info, log,
-                                        None)
+                                        None, averaged)
                 costs = measure_costs(step_seconds, evaluate, sample, save_last_now, run_dir, len(val_ids) - 1,
                                        train_config, dist_info)
             make_plan(state, train_config, costs, agree(clock(), False, dist_info, device)[0],
@@ -441,8 +450,9 @@ def _train(dist_info: Dist, device: torch.device, *, inputs, out_dir, model_conf
                     if train_config.max_time and step > interval_start[0]:  # the speed since the last evaluation
                         speed = (state["elapsed"] - interval_start[1]) / (step - interval_start[0])
                         plan = replan(state, train_config, costs, speed, len(val_ids) - 1, dist_info, log)
-                    last_val_bpc = _evaluate_and_save(evaluate, sample, eval_tokens, run_dir, model, state,
-                                                      dist_info, log)
+                    with averaged():
+                        last_val_bpc = _evaluate_and_save(evaluate, sample, eval_tokens, run_dir, model, state,
+                                                          dist_info, log)
                     state["next_eval"] = step + state["eval_every"]
                     save_last_now()
                     previous_elapsed = None  # the evaluation is not a step
@@ -458,12 +468,16 @@ def _train(dist_info: Dist, device: torch.device, *, inputs, out_dir, model_conf
         # ---- the end: interrupted runs save and say how to resume; finished runs evaluate first
         state["elapsed"] = clock()
         if stop_reason.startswith("interrupted"):
-            return _interrupted(run_dir, evaluate, sample, save_last_now, model, state, dist_info, log, eval_tokens)
+            return _interrupted(run_dir, evaluate, sample, save_last_now, model, state, dist_info, log, eval_tokens,
+                                averaged)
         if state["last_eval_step"] != state["step"]:  # the same tokens as every other evaluation
-            last_val_bpc = _evaluate_and_save(evaluate, sample, eval_tokens, run_dir, model, state, dist_info, log)
+            with averaged():
+                last_val_bpc = _evaluate_and_save(evaluate, sample, eval_tokens, run_dir, model, state, dist_info,
+                                                  log)
         if eval_tokens is not None and state.get("complete_eval_step") != state["step"]:  # then the whole split
             state["elapsed"] = clock()
-            full_loss, full_bpc, count = evaluate(None)
+            with averaged():
+                full_loss, full_bpc, count = evaluate(None)
             state["complete_eval_step"] = state["step"]
             _log_eval(run_dir, state, full_loss, full_bpc, count, dist_info, log)
         state["elapsed"] = clock()
@@ -613,13 +627,14 @@ def _log_eval(run_dir: Path, state: dict, val_loss: float, val_bpc: float, token
 
 
 def _interrupted(run_dir: Path, evaluate, sample, save_last_now, model, state: dict, dist_info: Dist, log,
-                 eval_tokens: int | None) -> TrainResult:
+                 eval_tokens: int | None, averaged) -> TrainResult:
     """Save what an interrupted run has, so that generate, evaluate and info accept it; then raise."""
     if state["best_val_loss"] is None:  # nothing to sample from yet: score the current weights and keep them
-        if state.get("plan") is not None:
-            _evaluate_and_save(evaluate, sample, eval_tokens, run_dir, model, state, dist_info, log)
-        elif dist_info.is_main:  # stopped while calibrating: the untrained weights, unscored
-            ckpt.save_tensors(run_dir / ckpt.WEIGHTS_FILE, ckpt.model_tensors(model), metadata={"step": "0"})
+        with averaged():
+            if state.get("plan") is not None:
+                _evaluate_and_save(evaluate, sample, eval_tokens, run_dir, model, state, dist_info, log)
+            elif dist_info.is_main:  # stopped while calibrating: the untrained weights, unscored
+                ckpt.save_tensors(run_dir / ckpt.WEIGHTS_FILE, ckpt.model_tensors(model), metadata={"step": "0"})
     state["status"], state["stop_reason"] = "interrupted", f"interrupted at step {state['step']}"
     save_last_now()
     if dist_info.is_main:
