@@ -19,9 +19,11 @@ The baselines' clocks pause while they evaluate, which favours them slightly.
     python bench/quality.py --only textrnn --set weight_drop=0.2 --minutes 10
     python bench/quality.py --only textrnn --minutes 30 --reuse bench/results/quality-STAMP.json
 
-``--reuse`` takes every result not trained now (a system, or a budget) from an earlier result file
-of the same corpus and machine: trying a textrnn setting does not train the peers again, and a
-30-minute run joins the 2- and 10-minute ones in one table and figure. The table, a JSON record
+``--reuse`` takes every result not trained now (a system, or a budget) from earlier result files
+of the same corpus and machine, the first file that has it first: trying a textrnn setting does not
+train the peers again, and a 30-minute run joins the 2- and 10-minute ones in one table and figure
+(``--only ''`` trains nothing and only merges). With ``--set ema=D`` the last row also holds the
+val loss of the run's own final weights, so the average is measured against them in one run. The table, a JSON record
 and a figure (final loss against budget, and the curves of the longest budget) go to
 ``bench/results/``.
 """
@@ -171,8 +173,9 @@ def main() -> None:
     parser.add_argument("--corpus", default="shakespeare",
                         help="shakespeare (tiny Shakespeare), python (the standard library) or a text file")
     parser.add_argument("--only", default=",".join(SYSTEMS), help=f"systems to train now, of {', '.join(SYSTEMS)}")
-    parser.add_argument("--reuse", type=Path, metavar="JSON",
-                        help="take the results of the systems not trained now from this earlier result file")
+    parser.add_argument("--reuse", type=Path, nargs="+", default=[], metavar="JSON",
+                        help="take the results of the systems and budgets not trained now from these earlier "
+                             "result files (the first file that has a system's budget gives it)")
     parser.add_argument("--preset", default=DEFAULT_PRESET)
     parser.add_argument("--cell", default=None)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -233,17 +236,17 @@ def main() -> None:
         rows = train_charrnn(text, minutes=max(budgets), eval_every_seconds=max(budgets) * 6,
                              eval_at_minutes=budgets, log=say)
         runs["charrnn"] = {_key(m): charrnn_at(rows, m) for m in budgets}
-    if args.reuse:  # every system and budget not trained now
-        earlier = json.loads(args.reuse.read_text(encoding="utf-8"))
+    for path in args.reuse:  # every system and budget not trained now
+        earlier = json.loads(path.read_text(encoding="utf-8"))
         if earlier.get("corpus") != corpus_name:
-            sys.exit(f"{args.reuse}: results for {earlier.get('corpus')!r}, not {corpus_name!r}")
+            sys.exit(f"{path}: results for {earlier.get('corpus')!r}, not {corpus_name!r}")
         for system, by_budget in earlier["runs"].items():
             if system == "textrnn" and earlier.get("settings", {}) != settings:
                 continue  # textrnn results of other settings do not mix
             for minutes, rows in by_budget.items():
                 runs.setdefault(system, {}).setdefault(minutes, rows)
         budgets = sorted({float(m) for by_budget in runs.values() for m in by_budget})
-        print(f"the other results from {args.reuse} ({earlier['machine']})")
+        print(f"results not trained now from {path} ({earlier['machine']}, {earlier.get('command', '')})")
 
     print("\n| system | " + " | ".join(f"{_key(m)} min" for m in budgets) + " |")
     print("|---|" + "---|" * len(budgets))

@@ -318,6 +318,7 @@ TOML_CASES = [  # (flags win over the file, so these use settings that TINY_TRAI
     ("out-of-range", "[train]\nlr = -1.0\n", ["lr"]),
     ("unknown-decay", "[train]\ndecay = \"step\"\n", ["decay", "cosine", "linear"]),
     ("weight-drop-out-of-range", "[model]\nweight_drop = 1.0\n", ["weight_drop"]),
+    ("ema-out-of-range", "[train]\nema = 1.0\n", ["ema"]),
     ("unreadable-duration", "[train]\nmax_time = \"soon\"\n", ["config.toml", "duration"]),
     ("preset-not-a-name", "preset = 3\n", ["config.toml", "preset"]),
     ("not-utf8", b"[train]\nseed = 1 # \xff\n", ["config.toml"]),
