@@ -260,7 +260,13 @@ def main() -> None:
     record = {"machine": machine(), "corpus": corpus_name, "budgets": budgets, "settings": settings,
               "command": " ".join(sys.argv[1:]), "runs": runs}
     out = RESULTS / f"quality-{stamp}.json"
-    out.write_text(json.dumps(record, indent=1))
+    for index in range(2, 100):  # two runs side by side may end in the same second
+        try:
+            with open(out, "x", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, indent=1))
+            break
+        except FileExistsError:
+            out = RESULTS / f"quality-{stamp}-{index}.json"
     print(f"results: {out}")
     if len(runs) > 1 and not settings:
         figure = RESULTS / f"quality-{Path(args.corpus).stem}.png"
