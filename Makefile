@@ -33,8 +33,9 @@ test: $(STAMP)
 
 # Benchmarks (results go into BENCHMARKS.md): about 30 minutes; bench-full adds the 5- and
 # 10-minute sweeps and the quality runs against the GPT baseline and the char-rnn recipe at 2, 10
-# and 30 minutes, on tiny Shakespeare and on Python source, and int8 sampling's cost on a trained
-# 2x512 LSTM (about 6.5 h more).
+# and 30 minutes, on tiny Shakespeare and on Python source, the techniques tried on the default
+# (weight averaging, DropConnect, tying), and int8 sampling's cost on a trained 2x512 LSTM (about
+# 7.7 h more).
 bench: $(STAMP)
 	$(BIN)/python bench/preprocess.py --size-mb 1024
 	$(BIN)/python bench/train_throughput.py
@@ -51,6 +52,10 @@ bench-full: bench
 	$(BIN)/python bench/sweep.py --minutes 10 --presets small --cells lstm rnn
 	$(BIN)/python bench/quality.py --minutes 2 10 30
 	$(BIN)/python bench/quality.py --corpus python --minutes 2 10 30
+	$(BIN)/python bench/quality.py --minutes 10 --only textrnn --set ema=0.998
+	$(BIN)/python bench/quality.py --minutes 10 --only textrnn --set weight_drop=0.1
+	$(BIN)/python bench/quality.py --minutes 10 --only textrnn --set tie_weights=true
+	$(BIN)/python bench/quality.py --minutes 30 --only textrnn --set weight_drop=0.2
 	$(BIN)/python -m textrnn train ../shared/data/tinyshakespeare.txt --preset medium --max-time 30m --out runs/bench-medium
 	$(BIN)/python bench/sampling.py --quick --run runs/bench-medium
 
