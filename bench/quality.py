@@ -19,12 +19,12 @@ The baselines' clocks pause while they evaluate, which favours them slightly.
     python bench/quality.py --only textrnn --set weight_drop=0.2 --minutes 10
     python bench/quality.py --only textrnn --minutes 30 --reuse bench/results/quality-STAMP.json
 
-``--reuse`` takes every result not trained now (a system, or a budget) from earlier result files
-of the same corpus and machine, the first file that has it first: trying a textrnn setting does not
+``--reuse`` takes every result not trained now (a system, or a budget) from earlier result files of
+the same corpus and machine, the first file that has it first: trying a textrnn setting does not
 train the peers again, and a 30-minute run joins the 2- and 10-minute ones in one table and figure
-(``--only ''`` trains nothing and only merges). With ``--set ema=D`` the last row also holds the
-val loss of the run's own final weights, so the average is measured against them in one run. The table, a JSON record
-and a figure (final loss against budget, and the curves of the longest budget) go to
+(``--only ''`` trains nothing and only merges). With ``--set ema=D`` the last row also holds the val
+loss of the run's own final weights, so the average is measured against them in one run. The table,
+a JSON record and a figure (final loss against budget, and the curves of the longest budget) go to
 ``bench/results/``.
 """
 
@@ -94,7 +94,6 @@ def run_textrnn(data_dir: Path, minutes: float, model_overrides: dict | None = N
 def score_raw_weights(run_dir: Path, data_dir: Path) -> float:
     """Val loss (whole split) of the weights the optimizer ended with, in a run trained with ``ema``:
     they are in ``last/model.safetensors``, scored with the streams and precision of its evaluations."""
-
     from textrnn.checkpoint import load_run, load_weights
     from textrnn.data import load_dataset
     from textrnn.evaluation import evaluate_ids
