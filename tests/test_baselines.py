@@ -3,6 +3,7 @@ follows char-rnn's defaults, and reports each shorter budget of one run; the GPT
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -44,7 +45,10 @@ def test_charrnn_reports_each_budget_of_one_run():
                          config=CharRNNConfig(rnn_size=16, batch_size=10, seq_length=20), log=lambda m: None)
     assert len(rows) == 2  # at the 0.02-minute mark and at the end
     assert rows[0]["minutes"] >= 0.02 and rows[-1]["minutes"] >= 0.05
-    assert rows[-1]["val_loss"] < rows[0]["val_loss"] < 4.0
+    assert rows[0]["step"] < rows[-1]["step"]
+    # learned within its budget; that the later row is lower is not promised: the clock, not the
+    # step count, sets both rows, and this corpus is learned to its floor within a second
+    assert rows[-1]["val_loss"] < math.log(len(set(TEXT))) - 0.5
     assert charrnn_at(rows, 0.02) == rows[:1] and charrnn_at(rows, 0.05) == rows
 
 
