@@ -17,6 +17,7 @@ from .config import TrainConfig, format_duration
 from .distributed import Dist, agree, broadcast
 from .model import State
 from .plot import plot_losses
+from .runstate import RunState
 from .schedule import BUDGET_TARGET, EVALUATIONS, Costs, eval_interval, eval_token_cap, learning_rate, plan_steps
 
 DEFAULT_EVAL_TOKENS = 1 << 20  # periodic evaluations of a step-limited run read at most this much
@@ -26,7 +27,7 @@ REPLAN_TOLERANCE = 0.03  # a time budget is replanned when it would end further 
 EXIT_SECONDS = 1.0  # after the summary: the interpreter and torch shutting down
 
 
-def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, hidden: State) -> dict:
+def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState, hidden: State) -> dict:
     """Everything a training step changes, copied, so that calibration steps can be taken back."""
     return {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
             "state": copy.deepcopy(state), "hidden": tuple(h.clone() for h in hidden),
@@ -34,16 +35,14 @@ def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: di
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def rollback(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> State:
-    """Put back what ``snapshot`` copied; returns the hidden state to carry on with."""
+def rollback(saved: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[RunState, State]:
+    """Put back what ``snapshot`` copied; returns the run state and hidden state to carry on with."""
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
-    state.clear()
-    state.update(saved["state"])
     torch.set_rng_state(saved["rng"])
     if saved["cuda_rng"] is not None:
         torch.cuda.set_rng_state_all(saved["cuda_rng"])
-    return saved["hidden"]
+    return saved["state"], saved["hidden"]
 
 
 def time_steps(train_step, config: TrainConfig, clock, signals, dist_info: Dist, device) -> float | None:
@@ -93,7 +92,7 @@ def measure_costs(step_seconds: float, evaluate, sample, save_last_now, run_dir:
     return Costs(**broadcast(Costs(step_seconds, eval_token, save, finish, sample_seconds).__dict__, dist_info))
 
 
-def make_plan(state: dict, config: TrainConfig, costs: Costs | None, elapsed: float, steps_per_epoch: int,
+def make_plan(state: RunState, config: TrainConfig, costs: Costs | None, elapsed: float, steps_per_epoch: int,
                val_tokens: int, limits: dict, dist_info: Dist, log) -> None:
     """Record in ``state`` the planned steps and why they end, the evaluation interval and tokens."""
     candidates = []
@@ -107,7 +106,7 @@ def make_plan(state: dict, config: TrainConfig, costs: Costs | None, elapsed: fl
         budget_left = config.max_time - elapsed
         if eval_tokens is None:
             eval_tokens = eval_token_cap(costs, budget_left, val_tokens)
-        steps = state["step"] + plan_steps(config, costs, budget_left, val_tokens, eval_tokens or val_tokens)
+        steps = state.step + plan_steps(config, costs, budget_left, val_tokens, eval_tokens or val_tokens)
         candidates.append((steps, f"completed the {steps:,} steps planned for {format_duration(config.max_time)}"))
     elif eval_tokens is None and val_tokens > DEFAULT_EVAL_TOKENS:
         eval_tokens = DEFAULT_EVAL_TOKENS
@@ -117,39 +116,39 @@ def make_plan(state: dict, config: TrainConfig, costs: Costs | None, elapsed: fl
     plan = broadcast(plan, dist_info)  # rank 0's clock decides
     eval_tokens = broadcast(eval_tokens, dist_info)
     every = eval_interval(config, plan)
-    state.update(plan=plan, plan_cap=cap, plan_reason=broadcast(reason, dist_info), eval_every=every,
-                 next_eval=(state["step"] // every + 1) * every, evaluations_planned=EVALUATIONS, eval_tokens=eval_tokens,
-                 limits=limits, costs=costs.__dict__ if costs else None)
+    state.plan, state.plan_cap, state.plan_reason = plan, cap, broadcast(reason, dist_info)
+    state.eval_every, state.next_eval = every, (state.step // every + 1) * every
+    state.evaluations_planned, state.eval_tokens = EVALUATIONS, eval_tokens
+    state.limits, state.costs = limits, costs.__dict__ if costs else None
     if costs:
         log(f"time budget {format_duration(config.max_time)}: {costs.step * 1000:.0f} ms a step, so a plan of "
-            f"{plan:,} steps, evaluating every {state['eval_every']:,}"
+            f"{plan:,} steps, evaluating every {state.eval_every:,}"
             + (f" on the first {eval_tokens:,} validation tokens (the last evaluation is complete)"
                if eval_tokens else ""))
 
 
-def replan(state: dict, config: TrainConfig, costs: Costs, step_seconds: float, val_tokens: int,
+def replan(state: RunState, config: TrainConfig, costs: Costs, step_seconds: float, val_tokens: int,
             dist_info: Dist, log) -> int:
     """At an evaluation: if the rest of the plan, at the speed of the last interval, would end more
     than 3% of the budget away from it, plan again, so that the schedule ends as the budget does."""
-    plan, step, every = state["plan"], state["step"], state["eval_every"]
-    periodic, final = costs.periodic(state["eval_tokens"] or val_tokens), costs.final(val_tokens)
-    left = config.max_time - state["elapsed"]
+    plan, step, every = state.plan, state.step, state.eval_every
+    periodic, final = costs.periodic(state.eval_tokens or val_tokens), costs.final(val_tokens)
+    left = config.max_time - state.elapsed
     projected = (plan - step) * step_seconds + ((plan - step) // every + 1) * periodic + final
     new_plan = plan
     if abs(projected - left * BUDGET_TARGET) > REPLAN_TOLERANCE * config.max_time:
         room = left * BUDGET_TARGET - final - periodic
         new_plan = step + max(1, int(room / (step_seconds + periodic / every)))
-        new_plan = min(new_plan, state.get("plan_cap") or new_plan)
+        new_plan = min(new_plan, state.plan_cap or new_plan)
     new_plan = broadcast(new_plan, dist_info)
     if new_plan != plan:
         log(f"step {step}: {step_seconds * 1000:.0f} ms a step since the last evaluation; the plan is now "
             f"{new_plan:,} steps instead of {plan:,}")
-        state["plan"] = new_plan
-        state["plan_reason"] = (f"completed the {new_plan:,} steps replanned for "
-                                f"{format_duration(config.max_time)}")
+        state.plan = new_plan
+        state.plan_reason = f"completed the {new_plan:,} steps replanned for {format_duration(config.max_time)}"
         if not config.eval_every:  # the evaluations still to come, spread over the new rest of the plan
-            evaluations_left = max(1, EVALUATIONS - state.get("evaluations_done", 0) - 1)
-            state["eval_every"] = max(1, (new_plan - step) // evaluations_left)
+            evaluations_left = max(1, EVALUATIONS - state.evaluations_done - 1)
+            state.eval_every = max(1, (new_plan - step) // evaluations_left)
     return new_plan
 
 

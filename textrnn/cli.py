@@ -242,8 +242,6 @@ def train(
              "(a char vocabulary grows by the new text's characters).")] = None,
 ) -> None:
     started = _PROCESS_START if _PROCESS_START is not None else time.perf_counter()  # when the budget began
-    from .training import train as run_training
-
     flags = {
         "cell": _value(cell), "num_layers": layers, "hidden_size": hidden, "embedding_dim": embed,
         "dropout": dropout, "weight_drop": weight_drop, "tie_weights": tie, "seq_len": seq_len, "batch_size": batch_size, "lr": lr,
@@ -261,29 +259,47 @@ def train(
             _fail("--init-from starts a new run from a trained one and --resume continues a run; give one")
         if inputs:
             _fail("give either INPUT or --resume RUN_DIR, not both")
-        ignored = sorted(k for k, v in flags.items() if v is not None and k not in RESUME_OVERRIDES)
-        if ignored:
-            _fail(f"--resume continues a run with its own settings; only "
-                  f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUME_OVERRIDES))} may change "
-                  f"(got {', '.join(ignored)})")
-        result = _run(run_training, resume=resume, resume_overrides={k: flags[k] for k in RESUME_OVERRIDES},
-                      progress=progress, log=_warn, started=started)
+        result = _resume_run(resume, flags, progress, started)
     else:
         if not inputs:
             _fail("missing INPUT: give text files, a directory, or a preprocess directory (or --resume RUN_DIR)")
-        file_settings = _run(read_toml_settings, config) if config else {}
-        model_config, train_config, data = _run(build_configs, file_settings, flags, str(config or "options"))
-        tokenizer_kind = data["tokenizer"]
-        init_from = init_from or data["init_from"]
-        if init_from is not None:  # the model and tokenizer are the base's, unless given (then they must agree)
-            given = {**file_settings, **{k: v for k, v in flags.items() if v is not None}}
-            model_config = _run(_finetune_model, Path(init_from), given)
-            tokenizer_kind = given.get("tokenizer")
-        result = _run(run_training, inputs, out, model_config, train_config, init_from=init_from,
-                      tokenizer=tokenizer_kind, vocab_size=data["vocab_size"], val_fraction=data["val_fraction"],
-                      errors=data["errors"], progress=progress, log=_warn, started=started)
-    if os.environ.get("RANK", "0") != "0":
-        return  # under torchrun only rank 0 reports
+        result = _new_run(inputs, out, config, init_from, flags, progress, started)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+        _report_run(result)
+
+
+def _resume_run(resume: Path, flags: dict, progress: bool, started: float):
+    """``train --resume``: the run's own settings, less the few a resumed run may change."""
+    from .training import train as run_training
+
+    ignored = sorted(k for k, v in flags.items() if v is not None and k not in RESUME_OVERRIDES)
+    if ignored:
+        _fail(f"--resume continues a run with its own settings; only "
+              f"{', '.join('--' + k.replace('_', '-') for k in sorted(RESUME_OVERRIDES))} may change "
+              f"(got {', '.join(ignored)})")
+    return _run(run_training, resume=resume, resume_overrides={k: flags[k] for k in RESUME_OVERRIDES},
+                progress=progress, log=_warn, started=started)
+
+
+def _new_run(inputs: list[Path], out: Optional[Path], config: Optional[Path], init_from: Optional[Path], flags: dict,
+             progress: bool, started: float):
+    """A new run (or a fine-tune): settings from the TOML file, then the flags over them."""
+    from .training import train as run_training
+
+    file_settings = _run(read_toml_settings, config) if config else {}
+    model_config, train_config, data = _run(build_configs, file_settings, flags, str(config or "options"))
+    tokenizer_kind = data["tokenizer"]
+    init_from = init_from or data["init_from"]
+    if init_from is not None:  # the model and tokenizer are the base's, unless given (then they must agree)
+        given = {**file_settings, **{k: v for k, v in flags.items() if v is not None}}
+        model_config = _run(_finetune_model, Path(init_from), given)
+        tokenizer_kind = given.get("tokenizer")
+    return _run(run_training, inputs, out, model_config, train_config, init_from=init_from,
+                tokenizer=tokenizer_kind, vocab_size=data["vocab_size"], val_fraction=data["val_fraction"],
+                errors=data["errors"], progress=progress, log=_warn, started=started)
+
+
+def _report_run(result) -> None:
     best = f"{result.best_val_bpc:.4f}" if result.best_val_bpc is not None else "-"
     preprocessing = f", preprocessing {format_duration(result.preprocess_time)} apart" if result.preprocess_time >= 0.5 else ""
     print(f"done: best val bpc {best} (loss {result.best_val_loss:.4f}) after {result.step} steps in "

@@ -242,6 +242,42 @@ def preprocess(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, 
     fine-tuning needs: a char vocabulary is extended by the corpus's new characters (see
     ``CharTokenizer.extended``); byte and SentencePiece tokenizers are used as they are.
     """
+    _check_preprocess_options(tokenizer, start_from, errors, newline, val_fraction)
+    files = resolve_inputs(inputs, warn)
+    out_dir = Path(out_dir)
+    _check_output_dir(out_dir)
+
+    # Created first, so an unwritable --out fails before any work; removed on any failure.
+    with staging_directory(out_dir) as tmp:
+        scan = _scan(files, errors, newline, tokenizer, progress)  # pass 1
+        val_chars = int(scan.chars * val_fraction)
+        train_chars = scan.chars - val_chars
+        if val_chars < 2 or train_chars < 2:
+            raise InputError(f"{_names(files)}: corpus too short to split into train and val "
+                             f"({scan.chars} characters at val fraction {val_fraction})")
+        tok = _build_tokenizer(tokenizer, files, errors, newline, vocab_size, scan.chars, scan.seen, warn, start_from)
+        if vocab_size is not None and tokenizer in ("char", "byte"):
+            warn(f"warning: --vocab-size applies to bpe and unigram tokenizers; "
+                 f"the {tokenizer} vocabulary has {tok.vocab_size}")
+        dtype = smallest_dtype(tok.vocab_size)
+        writers = _encode_splits(tmp, files, tok, dtype, errors, newline, train_chars, scan, progress)  # pass 2
+        tok.save(tmp)
+        meta = {
+            "format": DATA_FORMAT, "version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": tok.vocab_size,
+            "tokenizer": tok.to_dict(),
+            "splits": {name: {"tokens": w.tokens, "chars": w.chars, "sha256": file_sha256(tmp / f"{name}.bin")}
+                       for name, w in writers.items()},
+            "sources": [{"path": str(f), "bytes": size, "sha256": digest.hexdigest()}
+                        for f, size, digest in zip(files, scan.sizes, scan.digests)],
+            "newline": "crlf->lf" if newline == "lf" else "keep", "errors": errors,
+            "val_fraction": val_fraction, "separator": FILE_SEPARATOR,
+        }
+        write_json(tmp / META_FILE, meta)
+    return out_dir
+
+
+def _check_preprocess_options(tokenizer: str, start_from: Tokenizer | None, errors: str, newline: str,
+                              val_fraction: float) -> None:
     check_kind(tokenizer)
     if start_from is not None and start_from.kind != tokenizer:
         raise ConfigError(f"cannot encode a {tokenizer} corpus with a {start_from.kind} tokenizer")
@@ -251,70 +287,60 @@ def preprocess(inputs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, 
         raise ConfigError(f"newline must be lf or keep, got {newline!r}")
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"val fraction must be between 0 and 1, got {val_fraction}")
-    files = resolve_inputs(inputs, warn)
-    out_dir = Path(out_dir)
-    _check_output_dir(out_dir)
 
-    # Created first, so an unwritable --out fails before any work; removed on any failure.
-    with staging_directory(out_dir) as tmp:
-        # Pass 1: validate, count characters, checksum, and (char, SentencePiece) mark the code points.
-        total_bytes = sum(f.stat().st_size for f in files)
-        digests = [hashlib.sha256() for _ in files]
-        sizes = [0] * len(files)
-        seen = None if tokenizer == "byte" else np.zeros(0x110000, dtype=bool)
-        total_chars = 0
-        with _bar(progress, total_bytes, "reading") as bar:
-            def on_raw(index: int, raw: bytes) -> None:
-                digests[index].update(raw)
-                sizes[index] += len(raw)
-                bar.update(len(raw))
 
-            for chunk in iter_corpus(files, errors, newline, on_raw):
-                if seen is not None:
-                    mark_codepoints(chunk, seen)
-                total_chars += len(chunk)
-        if total_chars == 0:
-            bom_only = " besides a byte-order mark" if total_bytes else ""
-            raise InputError(f"{_names(files)}: empty corpus (no text{bom_only})")
-        val_chars = int(total_chars * val_fraction)
-        train_chars = total_chars - val_chars
-        if val_chars < 2 or train_chars < 2:
-            raise InputError(f"{_names(files)}: corpus too short to split into train and val "
-                             f"({total_chars} characters at val fraction {val_fraction})")
-        tok = _build_tokenizer(tokenizer, files, errors, newline, vocab_size, total_chars, seen, warn, start_from)
-        if vocab_size is not None and tokenizer in ("char", "byte"):
-            warn(f"warning: --vocab-size applies to bpe and unigram tokenizers; "
-                 f"the {tokenizer} vocabulary has {tok.vocab_size}")
-        dtype = smallest_dtype(tok.vocab_size)
+@dataclass
+class _Scan:
+    """What the first pass learns of the corpus."""
 
-        # Pass 2: encode in chunks straight into the split files.
-        with contextlib.ExitStack() as files_open:
-            writers = {name: _SplitWriter(files_open.enter_context(open(tmp / f"{name}.bin", "wb")), dtype)
-                       for name in SPLITS}
-            encoded = 0  # characters so far
-            with _bar(progress, total_bytes, "encoding") as bar:
-                chunks = iter_corpus(files, errors, newline, lambda _, raw: bar.update(len(raw)))
-                for chunk in _sentence_aligned(chunks, tok.kind):
-                    cut = min(max(0, train_chars - encoded), len(chunk))
-                    for text, name in ((chunk[:cut], "train"), (chunk[cut:], "val")):
-                        if text:
-                            writers[name].write(tok.encode_array(text, unknown="error", dtype=dtype), len(text))
-                    encoded += len(chunk)
-        if encoded != total_chars:
-            raise InputError(f"{_names(files)}: changed while it was being read; run preprocess again")
-        tok.save(tmp)
-        meta = {
-            "format": DATA_FORMAT, "version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": tok.vocab_size,
-            "tokenizer": tok.to_dict(),
-            "splits": {name: {"tokens": w.tokens, "chars": w.chars, "sha256": file_sha256(tmp / f"{name}.bin")}
-                       for name, w in writers.items()},
-            "sources": [{"path": str(f), "bytes": size, "sha256": digest.hexdigest()}
-                        for f, size, digest in zip(files, sizes, digests)],
-            "newline": "crlf->lf" if newline == "lf" else "keep", "errors": errors,
-            "val_fraction": val_fraction, "separator": FILE_SEPARATOR,
-        }
-        write_json(tmp / META_FILE, meta)
-    return out_dir
+    bytes: int  # of all files, as read
+    chars: int  # after decoding and newline handling
+    sizes: list[int]  # bytes per file
+    digests: list  # sha256 per file
+    seen: np.ndarray | None  # the code points that occur (char and SentencePiece)
+
+
+def _scan(files: list[Path], errors: str, newline: str, tokenizer: str, progress: bool) -> _Scan:
+    """Pass 1: validate, count characters, checksum, and (char, SentencePiece) mark the code points."""
+    total_bytes = sum(f.stat().st_size for f in files)
+    digests = [hashlib.sha256() for _ in files]
+    sizes = [0] * len(files)
+    seen = None if tokenizer == "byte" else np.zeros(0x110000, dtype=bool)
+    total_chars = 0
+    with _bar(progress, total_bytes, "reading") as bar:
+        def on_raw(index: int, raw: bytes) -> None:
+            digests[index].update(raw)
+            sizes[index] += len(raw)
+            bar.update(len(raw))
+
+        for chunk in iter_corpus(files, errors, newline, on_raw):
+            if seen is not None:
+                mark_codepoints(chunk, seen)
+            total_chars += len(chunk)
+    if total_chars == 0:
+        bom_only = " besides a byte-order mark" if total_bytes else ""
+        raise InputError(f"{_names(files)}: empty corpus (no text{bom_only})")
+    return _Scan(total_bytes, total_chars, sizes, digests, seen)
+
+
+def _encode_splits(tmp: Path, files: list[Path], tok: Tokenizer, dtype: np.dtype, errors: str, newline: str,
+                   train_chars: int, scan: _Scan, progress: bool) -> dict[str, "_SplitWriter"]:
+    """Pass 2: encode in chunks straight into the split files; the first ``train_chars`` characters train."""
+    with contextlib.ExitStack() as files_open:
+        writers = {name: _SplitWriter(files_open.enter_context(open(tmp / f"{name}.bin", "wb")), dtype)
+                   for name in SPLITS}
+        encoded = 0  # characters so far
+        with _bar(progress, scan.bytes, "encoding") as bar:
+            chunks = iter_corpus(files, errors, newline, lambda _, raw: bar.update(len(raw)))
+            for chunk in _sentence_aligned(chunks, tok.kind):
+                cut = min(max(0, train_chars - encoded), len(chunk))
+                for text, name in ((chunk[:cut], "train"), (chunk[cut:], "val")):
+                    if text:
+                        writers[name].write(tok.encode_array(text, unknown="error", dtype=dtype), len(text))
+                encoded += len(chunk)
+    if encoded != scan.chars:
+        raise InputError(f"{_names(files)}: changed while it was being read; run preprocess again")
+    return writers
 
 
 def _sentence_aligned(chunks: Iterable[str], kind: str) -> Iterator[str]:

@@ -1,11 +1,24 @@
 """The training loop: truncated BPTT, AdamW on a step-planned schedule, clipping, evaluation,
 atomic checkpoints, exact resume, signals and DDP.
 
-``train`` reads top to bottom: set up (run directory, data, model, optimizer, maybe resume),
-plan (a time budget becomes a number of steps after a short calibration), then the loop (batch,
-forward, loss, backward, clip, step, log, evaluate, save) and the end. The schedule lives in
-``schedule.py``, the resume state in ``runstate.py``, collectives in ``distributed.py`` and the
-plot in ``plot.py``. Nothing here prints: messages go to the ``log`` callback, the bar to stderr.
+How a run flows (``_train``, top to bottom):
+
+    _open_new / _setup_resume   the run directory and config.json (new, fine-tune or resume)
+    _Run(...) and run.start()   data streams, model, optimizer, the RunState (new or from last/)
+    _plan                       a time budget: time a few real steps, take them back, plan N steps
+    _loop                       until the plan is done, a signal, or the budget says stop:
+        run.train_step(lr)          the next (B, L) window of every stream -> forward -> loss ->
+                                    backward -> clip -> optimizer step; the state carries over, detached
+        run.count(...)              a non-finite or exploding step is skipped; several in a row stop the run
+        _TrainLog.row(...)          a metrics.jsonl row every log_every steps, and the bar
+        run.evaluate_and_keep()     at state.next_eval: replan a time budget, score, keep the best
+                                    weights, sample, save last/
+    run.finish / run.interrupted    the last evaluation and save, or save and say how to resume
+
+The schedule lives in ``schedule.py``, the plan in ``budget.py``, the state and ``last/`` in
+``runstate.py``, collectives in ``distributed.py`` and the plot in ``plot.py``; docs/trainer.md
+says where to add an optimizer, a stop rule or an evaluation. Nothing here prints: messages go to
+the ``log`` callback, the bar to stderr.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -38,7 +52,7 @@ from .errors import CheckpointError, ConfigError, InputError, TextRNNError, Trai
 from .evaluation import evaluate_ids, summarize
 from .model import RNNLanguageModel, State, detach_state
 from .plot import plot_losses
-from .runstate import data_fingerprint, restore, save_last
+from .runstate import RunState, data_fingerprint, restore, save_last
 from .runtime import autocast, choose_threads, resolve_precision, set_seed
 from .budget import make_plan, measure_costs, over_budget, replan, rollback, snapshot, time_steps
 from .finetune import Base, base_record, check_base_tokenizer, read_base, start_from_base
@@ -172,321 +186,479 @@ def _train(dist_info: Dist, device: torch.device, *, inputs, out_dir, model_conf
     log = log if dist_info.is_main else _NO_LOG
     progress = progress and dist_info.is_main
     # before anything is written: TEXTRNN_THREADS may be wrong, and the load is read before the work starts
-    threads, threads_why = choose_threads(overrides.get("threads") if resume else (train_config or TrainConfig()).threads)
-
-    # ---- run directory and config (rank 0 writes; every rank reads the same config)
-    preprocess_time = 0.0
+    threads = choose_threads(overrides.get("threads") if resume else (train_config or TrainConfig()).threads)
     if resume:
-        run_dir = Path(resume)
-        config = _setup_resume(run_dir, overrides)
+        run_dir, config, preprocess_time = Path(resume), _setup_resume(Path(resume), overrides), 0.0
     else:
-        base = read_base(Path(init_from), model_config, data_settings) if init_from else None
-        train_config = train_config or TrainConfig()
-        # no model config: the default preset ("auto"), sized for the budget given
-        model_config = base.model_config if base else (model_config or preset(DEFAULT_PRESET, train_config.max_time))
-        resolve_precision(train_config.precision, device)  # fail before a half-made run directory blocks --out
-        if not (train_config.max_steps or train_config.max_time or train_config.epochs):
-            train_config.max_time = DEFAULT_MAX_TIME
-            log(f"no stopping rule given: a {format_duration(DEFAULT_MAX_TIME)} budget "
-                f"(set --max-time, --max-steps or --epochs)")
-        setup = None
-        if dist_info.is_main:
-            try:
-                setup = _setup_new(dist_info, inputs, out_dir, model_config, train_config, base, progress=progress,
-                                   log=log, **data_settings)
-                setup = (str(setup[0]), setup[1], setup[2])
-            except BaseException as exc:  # whatever failed, release the other ranks waiting in the broadcast
-                if dist_info.enabled:
-                    broadcast({"error": str(exc) or type(exc).__name__}, dist_info)
-                raise
-        setup = broadcast(setup, dist_info)
-        if isinstance(setup, dict):
-            raise InputError(setup["error"])
-        run_dir, config, preprocess_time = Path(setup[0]), setup[1], setup[2]
-        if preprocess_time >= 0.5:
-            log(f"preprocessed in {format_duration(preprocess_time)} (not counted in the time budget)")
-    model_config = ModelConfig.from_dict(config["model"])
-    train_config = TrainConfig.from_dict(config["train"])
-    data_path = run_dir / config["data"]["path"]  # relative to the run, or absolute
-    dataset = load_dataset(data_path) if data_path.is_dir() else None
-    if dataset is None:
-        raise CheckpointError(f"{run_dir}: training data {config['data']['path']} is missing")
-    if resume:  # every rank checks its own copy, so all raise together (none waits in a collective)
-        _check_same_data(dataset, config["data"])
-    precision = resolve_precision(train_config.precision, device)
+        run_dir, config, preprocess_time = _open_new(dist_info, device, inputs, out_dir, model_config, train_config,
+                                                     init_from, data_settings, progress, log)
+    run = _Run(dist_info, device, run_dir, config, resumed=bool(resume), log=log, started=started,
+               preprocess_time=preprocess_time)
+    run.start(threads, keep_threads=bool(resume) and not overrides.get("threads"))
+    with _StopSignal(repeat_grace=2.0 if dist_info.enabled else 0.0) as signals:
+        if not _plan(run, signals):
+            run.interrupted(eval_tokens=None)  # a signal came while calibrating
+        stop_reason = _loop(run, signals, should_stop, progress)
+        if stop_reason.startswith("interrupted"):
+            run.interrupted(run.state.eval_tokens)
+        run.finish(stop_reason)
+    if dist_info.is_main:
+        plot_losses(run_dir, log)
+    return run.result(stop_reason)
 
-    # ---- data: this rank's block of the world_size x batch_size streams
-    train_ids, val_ids = dataset.split("train"), dataset.split("val")
-    batch = train_config.batch_size
-    streams = TrainStreams(train_ids, train_config.seq_len, batch, train_config.seed,
-                           total_streams=batch * dist_info.world_size, first=batch * dist_info.rank)
-    if len(val_ids) < 2:
-        raise InputError(f"{dataset.path}: the validation split has {len(val_ids)} tokens; raise --val-fraction")
-    chars_per_token = config["data"]["chars_per_token"]
-    vocab = model_config.vocab_size
 
-    # ---- model and optimizer
-    set_seed(train_config.seed)
-    model = RNNLanguageModel(model_config).to(device)
-    if not resume and config.get("init_from"):  # fine-tuning: the base's weights (a resumed run has its own)
-        start_from_base(model, Path(config["init_from"]["path"]), dataset.tokenizer)
-    if dist_info.enabled:  # the same initial weights everywhere, but each rank its own dropout masks
-        torch.manual_seed(train_config.seed + 7919 * dist_info.rank)
-    optimizer = _optimizer(model, train_config, fused_ok=device.type in ("cuda", "cpu"))
-    average = WeightAverage(model, train_config.ema) if train_config.ema else None
-    averaged = average.applied if average else contextlib.nullcontext  # what evaluations and saves see
-    state: dict = {"step": 0, "epoch": 0, "step_in_epoch": 0, "elapsed": 0.0, "best_val_loss": None,
-                   "best_val_bpc": None, "bad_steps": 0, "world_size": dist_info.world_size,
-                   "last_eval_step": None, "status": "training"}
-    hidden: State | None = None
-    if resume:
-        state, hidden = restore(run_dir, model, optimizer, dist_info, device, log, average)
-        state.setdefault("last_eval_step", None)
-        if dist_info.is_main:
-            ckpt.remove_stale_temporaries(run_dir)
-            ckpt.truncate_metrics(run_dir, state["step"])
-            ckpt.truncate_metrics(run_dir, state["step"], ckpt.SAMPLES_FILE)
-            ckpt.write_json(run_dir / ckpt.CONFIG_FILE, config)  # keep new limits for the next resume
-        log(f"resumed from step {state['step']} ({format_duration(state['elapsed'])} trained)")
-    state["status"] = "training"
-    if resume and not overrides.get("threads") and state.get("threads"):
-        threads, threads_why = state["threads"], "as the run started"  # the same threads give the same numbers
-    if device.type == "cpu":
-        torch.set_num_threads(threads)
-    state["threads"] = threads
-    train_model: torch.nn.Module = model
-    if train_config.compile:
-        train_model = torch.compile(model)
-    if dist_info.enabled:
-        from torch.nn.parallel import DistributedDataParallel
+def _open_new(dist_info: Dist, device: torch.device, inputs, out_dir, model_config: ModelConfig | None,
+              train_config: TrainConfig | None, init_from, data_settings: dict, progress: bool,
+              log) -> tuple[Path, dict, float]:
+    """A new run, or a fine-tune of ``init_from``: rank 0 makes the run directory and config.json
+    and every rank gets the same config. Returns the directory, the config and the seconds spent
+    preprocessing."""
+    base = read_base(Path(init_from), model_config, data_settings) if init_from else None
+    train_config = train_config or TrainConfig()
+    # no model config: the default preset ("auto"), sized for the budget given
+    model_config = base.model_config if base else (model_config or preset(DEFAULT_PRESET, train_config.max_time))
+    resolve_precision(train_config.precision, device)  # fail before a half-made run directory blocks --out
+    if not (train_config.max_steps or train_config.max_time or train_config.epochs):
+        train_config.max_time = DEFAULT_MAX_TIME
+        log(f"no stopping rule given: a {format_duration(DEFAULT_MAX_TIME)} budget "
+            f"(set --max-time, --max-steps or --epochs)")
+    setup = None
+    if dist_info.is_main:
+        try:
+            run_dir, config, seconds = _setup_new(dist_info, inputs, out_dir, model_config, train_config, base,
+                                                  progress=progress, log=log, **data_settings)
+            setup = (str(run_dir), config, seconds)
+        except BaseException as exc:  # whatever failed, release the other ranks waiting in the broadcast
+            if dist_info.enabled:
+                broadcast({"error": str(exc) or type(exc).__name__}, dist_info)
+            raise
+    setup = broadcast(setup, dist_info)
+    if isinstance(setup, dict):
+        raise InputError(setup["error"])
+    if setup[2] >= 0.5:
+        log(f"preprocessed in {format_duration(setup[2])} (not counted in the time budget)")
+    return Path(setup[0]), setup[1], setup[2]
 
-        train_model = DistributedDataParallel(train_model, device_ids=[device] if device.type == "cuda" else None)
-    if hidden is None:
-        hidden = model.init_state(batch, device)
 
-    # as many eval streams as train streams over all ranks, so N ranks x B report what 1 x N*B would
-    eval_streams = train_config.eval_batches or batch * dist_info.world_size
-    # what `evaluate` needs to score as the trainer does: the streams (all ranks') and the precision
-    evaluation = {"streams": eval_streams, "precision": precision}
-    if dist_info.is_main and config.get("evaluation") != evaluation:  # a new run, or resumed elsewhere
-        on_disk = ckpt.run_config(run_dir)  # not the in-memory config: resume overrides stay out of the file
-        on_disk["evaluation"] = config["evaluation"] = evaluation
-        ckpt.write_json(run_dir / ckpt.CONFIG_FILE, on_disk)
+# ---------------------------------------------------------------- the plan and the loop
 
-    def evaluate(tokens: int | None = None) -> tuple[float, float, int]:
-        """Validation loss, bpc and tokens scored, over the first ``tokens`` tokens (all for None)."""
-        ids = val_ids if tokens is None or tokens + 1 >= len(val_ids) else val_ids[:tokens + 1]
-        loss_sum, count = evaluate_ids(model, ids, seq_len=train_config.seq_len, streams=eval_streams,
-                                       device=device, precision=precision, rank=dist_info.rank,
-                                       world_size=dist_info.world_size)
-        result = summarize(loss_sum, count, chars_per_token["val"])
-        return result.loss, result.bpc, count
+def _plan(run: "_Run", signals: _StopSignal) -> bool:
+    """Plan the steps, unless a resumed run has a plan for the same limits. A time budget is first
+    timed on a few real steps, which are then taken back. False if a signal came while timing."""
+    config = run.train_config
+    limits = {k: getattr(config, k) for k in ("max_steps", "max_time", "epochs", "eval_every", "eval_tokens")}
+    if run.state.plan is None or run.state.limits != limits:
+        costs = None
+        if config.max_time:
+            costs = _calibrate(run, signals)
+            if costs is None:
+                return False
+        make_plan(run.state, config, costs, agree(run.clock(), False, run.dist_info, run.device)[0],
+                  run.streams.steps_per_epoch, run.val_tokens, limits, run.dist_info, run.log)
+    run.costs = Costs(**run.state.costs) if run.state.costs else None
+    run.final_cost = run.costs.final(run.val_tokens) if run.costs else 0.0
+    return True
 
-    sample = None  # rank 0 samples a text at each evaluation, into samples.jsonl
-    if train_config.sample_length:
-        prompt = _sample_prompt(train_config, dataset.tokenizer, val_ids)  # every rank checks it: all raise together
-        if dist_info.is_main:
-            sample = _Sample(model, dataset.tokenizer, device, prompt, train_config.sample_length, train_config.seed)
 
-    def save_last_now() -> None:
-        if not _check_finite(model):
-            raise TrainingError(f"{run_dir}: weights hold NaN or inf; not saving them (the last good checkpoint "
-                                f"is kept)")
-        every_stream = gather_hidden(hidden, dist_info)  # collectives: all ranks take part
-        rng = gather_rng(dist_info, device)
-        if dist_info.is_main:
-            save_last(run_dir, model, optimizer, state, every_stream, rng, dist_info, average)
+def _calibrate(run: "_Run", signals: _StopSignal) -> Costs | None:
+    """What a time budget costs: a few real training steps, timed and taken back, then an
+    evaluation, a sample, a save and the plot. None if a signal came first."""
+    run.model.train()
+    saved = snapshot(run.model, run.optimizer, run.state, run.hidden)
+    saved_average = run.average.copy() if run.average else None
+    step_seconds = time_steps(run.train_step, run.train_config, run.clock, signals, run.dist_info, run.device)
+    run.state, run.hidden = rollback(saved, run.model, run.optimizer)
+    if run.average:
+        run.average.put_back(saved_average)
+    if step_seconds is None:
+        return None
+    return measure_costs(step_seconds, run.evaluate, run.sample, run.save_last_now, run.run_dir, run.val_tokens,
+                         run.train_config, run.dist_info)
 
-    def clock() -> float:
+
+def _loop(run: "_Run", signals: _StopSignal, should_stop, progress: bool) -> str:
+    """Train until the plan is done, a signal or ``should_stop`` asks, or the budget runs out; the reason."""
+    state, config = run.state, run.train_config
+    report = _TrainLog(run, progress)
+    pace = _Pace(run.costs.step if run.costs else 0.0)
+    run.model.train()
+    run.interval_start = (state.step, run.clock())
+    try:
+        while True:
+            reason = _why_stop(run, signals, should_stop, pace)
+            if reason:
+                return reason
+            lr = learning_rate(config, state.step, state.plan)
+            loss, grad_norm, bad = run.train_step(lr)  # batch, forward, loss, backward, clip, step
+            pace.stepped()
+            run.count(loss, grad_norm, bad)  # several bad steps in a row stop the run
+            report.row(lr, grad_norm)
+            if run.consecutive_bad:
+                continue  # never evaluate or save in the middle of a bad streak
+            if state.next_eval <= state.step < state.plan:
+                report.val_bpc = run.evaluate_and_keep()
+                pace.pause()  # the evaluation is not a step
+            elif config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                state.elapsed = run.clock()
+                run.save_last_now()
+                pace.pause()
+    finally:
+        report.close()
+
+
+def _why_stop(run: "_Run", signals: _StopSignal, should_stop, pace: "_Pace") -> str:
+    """Why to stop before the next step, or "": every rank sees the same clock and decides the same."""
+    state = run.state
+    interrupt = signals.received or (should_stop and should_stop(state.step) and "stop requested")
+    elapsed, interrupted = agree(run.clock(), bool(interrupt), run.dist_info, run.device)
+    state.elapsed = elapsed
+    pace.tick(elapsed)
+    if state.step >= state.plan:
+        return state.plan_reason
+    if interrupted:
+        return f"interrupted ({interrupt or 'another rank'})"
+    if over_budget(run.train_config, elapsed, pace.seconds, run.final_cost):
+        return (f"time budget: stopped at step {state.step} of the planned {state.plan}, "
+                f"as the machine ran slower than calibrated")
+    return ""
+
+
+class _Pace:
+    """Seconds a training step takes: an exponential average over whole steps, evaluations and
+    saves left out, from the clock every rank agreed on (so the same on every rank)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._now: float | None = None
+        self._previous: float | None = None  # the clock before the last step, None after a pause
+
+    def tick(self, elapsed: float) -> None:
+        if self._previous is not None:
+            last = elapsed - self._previous
+            self.seconds = 0.8 * self.seconds + 0.2 * last if self.seconds else last
+        self._now = elapsed
+
+    def stepped(self) -> None:
+        self._previous = self._now
+
+    def pause(self) -> None:
+        self._previous = None
+
+
+class _TrainLog:
+    """The train rows of metrics.jsonl (the mean loss since the last row, every ``log_every``
+    steps), and the progress bar, or a plain line now and then when stderr is not a terminal."""
+
+    def __init__(self, run: "_Run", progress: bool) -> None:
+        self.run = run
+        self.bar = _progress_bar(progress, run.state.plan, run.state.step)
+        self.tokens_per_step = run.batch * run.train_config.seq_len * run.dist_info.world_size
+        self.last_time = self.last_plain = time.perf_counter()
+        self.last_step = run.state.step
+        self.val_bpc = run.state.best_val_bpc
+
+    def row(self, lr: float, grad_norm: float) -> None:
+        run, state, config = self.run, self.run.state, self.run.train_config
+        step, window = state.step, state.loss_window  # the window is kept in state.json: a resumed run logs the same rows
+        if step % config.log_every or not window:
+            if self.bar is not None:
+                self.bar.update(step - self.bar.n)
+            return
+        now = time.perf_counter()
+        rate = (step - self.last_step) * self.tokens_per_step * run.chars_per_token["train"] / (now - self.last_time)
+        loss = float(np.mean(window))
+        if run.dist_info.is_main:
+            ckpt.append_metrics(run.run_dir, {"kind": "train", "step": step, "loss": loss, "lr": lr,
+                                              "grad_norm": grad_norm, "chars_per_sec": rate, "elapsed": run.clock()})
+        if self.bar is not None:
+            _bar_update(self.bar, step, loss, self.val_bpc, rate, config, run.clock())
+        elif now - self.last_plain >= PLAIN_LOG_SECONDS:
+            run.log(_progress_line(step, state.plan, loss, self.val_bpc, rate, config, run.clock()))
+            self.last_plain = now
+        window.clear()  # on every rank, so that no rank's window grows without end
+        self.last_time, self.last_step = now, step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------- one process's run
+
+class _Run:
+    """One process's share of a run: its streams, model, optimizer and ``RunState``, and the steps,
+    evaluations and saves that change them. ``_train`` makes it; the phases call its methods."""
+
+    costs: Costs | None = None  # of a time budget, once planned
+    final_cost: float = 0.0  # seconds the last evaluation and save take
+    consecutive_bad = 0
+
+    def __init__(self, dist_info: Dist, device: torch.device, run_dir: Path, config: dict, *, resumed: bool, log,
+                 started: float, preprocess_time: float) -> None:
+        self.dist_info, self.device, self.run_dir, self.config, self.log = dist_info, device, run_dir, config, log
+        self.resumed, self.started, self.preprocess_time = resumed, started, preprocess_time
+        self.model_config = ModelConfig.from_dict(config["model"])
+        self.train_config = tc = TrainConfig.from_dict(config["train"])
+        self.dataset = _load_data(run_dir, config, resumed)
+        self.precision = resolve_precision(tc.precision, device)
+        # this rank's block of the world_size x batch_size streams
+        self.train_ids, self.val_ids = self.dataset.split("train"), self.dataset.split("val")
+        self.batch = tc.batch_size
+        self.streams = TrainStreams(self.train_ids, tc.seq_len, self.batch, tc.seed,
+                                    total_streams=self.batch * dist_info.world_size, first=self.batch * dist_info.rank)
+        if len(self.val_ids) < 2:
+            raise InputError(f"{self.dataset.path}: the validation split has {len(self.val_ids)} tokens; "
+                             f"raise --val-fraction")
+        self.val_tokens = len(self.val_ids) - 1
+        self.chars_per_token = config["data"]["chars_per_token"]
+        self.diverged_loss = DIVERGED_FACTOR * math.log(max(self.model_config.vocab_size, 2))
+        set_seed(tc.seed)
+        self.model = RNNLanguageModel(self.model_config).to(device)
+        if not resumed and config.get("init_from"):  # fine-tuning: the base's weights (a resumed run has its own)
+            start_from_base(self.model, Path(config["init_from"]["path"]), self.dataset.tokenizer)
+        if dist_info.enabled:  # the same initial weights everywhere, but each rank its own dropout masks
+            torch.manual_seed(tc.seed + 7919 * dist_info.rank)
+        self.optimizer = _optimizer(self.model, tc, fused_ok=device.type in ("cuda", "cpu"))
+        self.average = WeightAverage(self.model, tc.ema) if tc.ema else None
+        self.state = RunState(world_size=dist_info.world_size)
+        self.hidden: State | None = None
+
+    def start(self, threads: tuple[int, str], keep_threads: bool) -> None:
+        """The state to go on from (new, or restored from ``last/``), the threads, the model as it
+        trains (compiled, DDP), and the run's first log line."""
+        if self.resumed:
+            self._restore()
+        self.state.status = "training"
+        count, why = threads
+        if keep_threads and self.state.threads:
+            count, why = self.state.threads, "as the run started"  # the same threads give the same numbers
+        if self.device.type == "cpu":
+            torch.set_num_threads(count)
+        self.state.threads = count
+        self.train_model: torch.nn.Module = torch.compile(self.model) if self.train_config.compile else self.model
+        if self.dist_info.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(
+                self.train_model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if self.hidden is None:
+            self.hidden = self.model.init_state(self.batch, self.device)
+        self._record_evaluation()
+        self.sample = self._sample()
+        self._elapsed_before = self.state.elapsed
+        self._announce(count, why)
+
+    def _restore(self) -> None:
+        self.state, self.hidden = restore(self.run_dir, self.model, self.optimizer, self.dist_info, self.device,
+                                          self.log, self.average)
+        if self.dist_info.is_main:
+            ckpt.remove_stale_temporaries(self.run_dir)
+            ckpt.truncate_metrics(self.run_dir, self.state.step)
+            ckpt.truncate_metrics(self.run_dir, self.state.step, ckpt.SAMPLES_FILE)
+            ckpt.write_json(self.run_dir / ckpt.CONFIG_FILE, self.config)  # keep new limits for the next resume
+        self.log(f"resumed from step {self.state.step} ({format_duration(self.state.elapsed)} trained)")
+
+    def _record_evaluation(self) -> None:
+        """What ``evaluate`` needs to score as the trainer does, in config.json: the streams (as many as
+        train streams over all ranks, so N ranks x B report what 1 x N*B would) and the precision."""
+        self.eval_streams = self.train_config.eval_batches or self.batch * self.dist_info.world_size
+        evaluation = {"streams": self.eval_streams, "precision": self.precision}
+        if self.dist_info.is_main and self.config.get("evaluation") != evaluation:  # new, or resumed elsewhere
+            on_disk = ckpt.run_config(self.run_dir)  # not the in-memory config: resume overrides stay out of the file
+            on_disk["evaluation"] = self.config["evaluation"] = evaluation
+            ckpt.write_json(self.run_dir / ckpt.CONFIG_FILE, on_disk)
+
+    def _sample(self) -> "_Sample | None":
+        """Rank 0 samples a text at each evaluation, into samples.jsonl; every rank checks the prompt."""
+        config = self.train_config
+        if not config.sample_length:
+            return None
+        prompt = _sample_prompt(config, self.dataset.tokenizer, self.val_ids)
+        if not self.dist_info.is_main:
+            return None
+        return _Sample(self.model, self.dataset.tokenizer, self.device, prompt, config.sample_length, config.seed)
+
+    def _announce(self, threads: int, why: str) -> None:
+        mc, world = self.model_config, self.dist_info.world_size
+        self.log(f"run {self.run_dir}: {mc.cell} {mc.num_layers}x{mc.hidden_size}, "
+                 f"{sum(p.numel() for p in self.model.parameters()):,} parameters, {self.device.type} {self.precision}"
+                 + (f", {threads} thread{'s' if threads > 1 else ''} ({why})" if self.device.type == "cpu" else "")
+                 + f", effective batch {self.batch * world} x {self.train_config.seq_len}"
+                 + (f" over {world} processes" if self.dist_info.enabled else ""))
+
+    def clock(self) -> float:
         """Training time of the run so far: earlier sessions, then this process less preprocessing."""
-        return elapsed_before + time.perf_counter() - started - preprocess_time
+        return self._elapsed_before + time.perf_counter() - self.started - self.preprocess_time
 
-    elapsed_before = state["elapsed"]
-    diverged_loss = DIVERGED_FACTOR * math.log(max(vocab, 2))
+    def averaged(self):
+        """What evaluations and saves see: the weight average (--ema) put in place, or the weights."""
+        return self.average.applied() if self.average else contextlib.nullcontext()
 
-    def train_step(lr: float) -> tuple[float, float, bool]:
+    # ---- a step
+
+    def train_step(self, lr: float) -> tuple[float, float, bool]:
         """One optimizer step on the next window of every stream: (loss, grad norm, bad).
 
         batch, forward, loss, backward, clip, step; a bad step (non-finite or exploding) is skipped
         on every rank and its state reset.
         """
-        nonlocal hidden
-        if state["step_in_epoch"] >= streams.steps_per_epoch:  # new epoch: fresh state, new offset
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-            hidden = model.init_state(batch, device)
+        state, model, optimizer = self.state, self.model, self.optimizer
+        if state.step_in_epoch >= self.streams.steps_per_epoch:  # new epoch: fresh state, new offset
+            state.epoch += 1
+            state.step_in_epoch = 0
+            self.hidden = model.init_state(self.batch, self.device)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = streams.window(state["epoch"], state["step_in_epoch"])
-        x_t = torch.from_numpy(x).to(device, non_blocking=True)  # (B, L)
-        y_t = torch.from_numpy(y).to(device, non_blocking=True)  # (B, L)
-        with autocast(device, precision):
-            logits, new_hidden = train_model(x_t, hidden)  # (B, L, V)
+        x, y = self.streams.window(state.epoch, state.step_in_epoch)
+        x_t = torch.from_numpy(x).to(self.device, non_blocking=True)  # (B, L)
+        y_t = torch.from_numpy(y).to(self.device, non_blocking=True)  # (B, L)
+        with autocast(self.device, self.precision):
+            logits, hidden = self.train_model(x_t, self.hidden)  # (B, L, V)
         loss = _loss(logits, y_t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_config.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.train_config.grad_clip or float("inf"))
         loss_value, norm_value = float(loss.detach()), float(grad_norm)
-        bad = not (math.isfinite(loss_value) and math.isfinite(norm_value)) or loss_value > diverged_loss
-        bad, loss_value = reduce_step(bad, loss_value, dist_info, device)  # the same on every rank
+        bad = not (math.isfinite(loss_value) and math.isfinite(norm_value)) or loss_value > self.diverged_loss
+        bad, loss_value = reduce_step(bad, loss_value, self.dist_info, self.device)  # the same on every rank
         if bad:
             optimizer.zero_grad(set_to_none=True)
-            hidden = model.init_state(batch, device)  # a poisoned state must not carry on
+            self.hidden = model.init_state(self.batch, self.device)  # a poisoned state must not carry on
         else:
             optimizer.step()
-            if average is not None:
-                average.update(state["step"])
-            hidden = detach_state(new_hidden)
-        state["step"] += 1
-        state["step_in_epoch"] += 1
+            if self.average is not None:
+                self.average.update(state.step)
+            self.hidden = detach_state(hidden)
+        state.step += 1
+        state.step_in_epoch += 1
         return loss_value, norm_value, bad
 
-    if dist_info.is_main:
-        log(f"run {run_dir}: {model_config.cell} {model_config.num_layers}x{model_config.hidden_size}, "
-            f"{sum(p.numel() for p in model.parameters()):,} parameters, {device.type} {precision}"
-            + (f", {threads} thread{'s' if threads > 1 else ''} ({threads_why})" if device.type == "cpu" else "")
-            + f", effective batch {batch * dist_info.world_size} x {train_config.seq_len}"
-            + (f" over {dist_info.world_size} processes" if dist_info.enabled else ""))
+    def count(self, loss: float, grad_norm: float, bad: bool) -> None:
+        """Keep a good step's loss for the next train row; count a bad one, and stop the run
+        (the last good checkpoint kept) after ``max_bad_steps`` in a row."""
+        if not bad:
+            self.consecutive_bad = 0
+            self.state.loss_window.append(loss)
+            return
+        self.consecutive_bad += 1
+        self.state.bad_steps += 1
+        step = self.state.step - 1
+        self.log(f"step {step}: skipped a bad step (loss {loss:.4g}, grad norm {grad_norm:.4g}); "
+                 f"{self.consecutive_bad} in a row")
+        if self.consecutive_bad >= self.train_config.max_bad_steps:
+            raise TrainingError(f"training diverged: {self.consecutive_bad} bad steps in a row at step {step} "
+                                f"(non-finite or exploding loss); {_what_is_kept(self.run_dir)}; "
+                                f"try a lower --lr or a tighter --clip")
 
-    with _StopSignal(repeat_grace=2.0 if dist_info.enabled else 0.0) as signals:
-        # ---- the plan: steps from --max-steps/--epochs, or from a time budget after calibration
-        limits = {k: getattr(train_config, k) for k in ("max_steps", "max_time", "epochs", "eval_every",
-                                                         "eval_tokens")}
-        if state.get("plan") is None or state.get("limits") != limits:
-            costs = None
-            if train_config.max_time:  # time a few real steps, then take them back
-                model.train()
-                saved = snapshot(model, optimizer, state, hidden)
-                saved_average = average.copy() if average else None
-                step_seconds = time_steps(train_step, train_config, clock, signals, dist_info, device)
-                hidden = rollback(saved, model, optimizer, state)
-                if average:
-                    average.put_back(saved_average)
-                if step_seconds is None:  # a signal came while calibrating
-                    state["elapsed"] = clock()
-                    return _interrupted(run_dir, evaluate, sample, save_last_now, model, state, dist_info, log,
-                                        None, averaged)
-                costs = measure_costs(step_seconds, evaluate, sample, save_last_now, run_dir, len(val_ids) - 1,
-                                       train_config, dist_info)
-            make_plan(state, train_config, costs, agree(clock(), False, dist_info, device)[0],
-                       streams.steps_per_epoch, len(val_ids) - 1, limits, dist_info, log)
-        plan, eval_tokens = state["plan"], state["eval_tokens"]
-        costs = Costs(**state["costs"]) if state.get("costs") else None
-        final_cost = costs.final(len(val_ids) - 1) if costs else 0.0
+    # ---- evaluation and saving
 
-        # ---- the loop
-        tokens_per_step = batch * train_config.seq_len * dist_info.world_size
-        last_log_time, last_log_step, last_plain_log = time.perf_counter(), state["step"], time.perf_counter()
-        # losses since the last train row; kept in state.json so a resumed run logs the same rows
-        loss_window: list[float] = state.setdefault("loss_window", [])
-        consecutive_bad = 0
-        stop_reason = ""
-        step_seconds = costs.step if costs else 0.0  # a running estimate, the same on every rank
-        bar = _progress_bar(progress, plan, state["step"])
-        last_val_bpc = state["best_val_bpc"]
-        model.train()
-        previous_elapsed = None
-        interval_start = (state["step"], clock())  # (step, elapsed) after the last evaluation
-        try:
-            while True:
-                interrupt = signals.received or (should_stop and should_stop(state["step"]) and "stop requested")
-                # every rank sees the same clock and takes the same branch
-                elapsed, interrupted = agree(clock(), bool(interrupt), dist_info, device)
-                state["elapsed"] = elapsed
-                if previous_elapsed is not None:  # an exponential average of whole steps, evaluations left out
-                    step_seconds = 0.8 * step_seconds + 0.2 * (elapsed - previous_elapsed) if step_seconds else \
-                        elapsed - previous_elapsed
-                if state["step"] >= plan:
-                    stop_reason = state["plan_reason"]
-                    break
-                if interrupted:
-                    stop_reason = f"interrupted ({interrupt or 'another rank'})"
-                    break
-                if over_budget(train_config, elapsed, step_seconds, final_cost):
-                    stop_reason = (f"time budget: stopped at step {state['step']} of the planned {plan}, "
-                                   f"as the machine ran slower than calibrated")
-                    break
+    def evaluate(self, tokens: int | None = None) -> tuple[float, float, int]:
+        """Validation loss, bpc and tokens scored, over the first ``tokens`` tokens (all for None)."""
+        ids = self.val_ids if tokens is None or tokens + 1 >= len(self.val_ids) else self.val_ids[:tokens + 1]
+        loss_sum, count = evaluate_ids(self.model, ids, seq_len=self.train_config.seq_len, streams=self.eval_streams,
+                                       device=self.device, precision=self.precision, rank=self.dist_info.rank,
+                                       world_size=self.dist_info.world_size)
+        result = summarize(loss_sum, count, self.chars_per_token["val"])
+        return result.loss, result.bpc, count
 
-                lr = learning_rate(train_config, state["step"], plan)
-                loss_value, norm_value, bad = train_step(lr)
-                step = state["step"]
-                previous_elapsed = elapsed
-                if bad:
-                    consecutive_bad += 1
-                    state["bad_steps"] += 1
-                    log(f"step {step - 1}: skipped a bad step (loss {loss_value:.4g}, grad norm "
-                        f"{norm_value:.4g}); {consecutive_bad} in a row")
-                    if consecutive_bad >= train_config.max_bad_steps:
-                        raise TrainingError(
-                            f"training diverged: {consecutive_bad} bad steps in a row at step {step - 1} "
-                            f"(non-finite or exploding loss); {_what_is_kept(run_dir)}; "
-                            f"try a lower --lr or a tighter --clip")
-                else:
-                    consecutive_bad = 0
-                    loss_window.append(loss_value)
+    def evaluate_and_keep(self) -> float:
+        """A planned evaluation: replan a time budget from the speed since the last one, score,
+        keep the best weights, sample, save ``last/``. Returns the val bpc."""
+        state, config = self.state, self.train_config
+        state.elapsed = self.clock()
+        start_step, start_time = self.interval_start
+        if config.max_time and state.step > start_step:
+            speed = (state.elapsed - start_time) / (state.step - start_step)
+            replan(state, config, self.costs, speed, self.val_tokens, self.dist_info, self.log)
+        with self.averaged():
+            val_bpc = self.score(state.eval_tokens)
+        state.next_eval = state.step + state.eval_every
+        self.save_last_now()
+        self.interval_start = (state.step, self.clock())
+        return val_bpc
 
-                if step % train_config.log_every == 0 and loss_window:
-                    now = time.perf_counter()
-                    rate = (step - last_log_step) * tokens_per_step * chars_per_token["train"] / (now - last_log_time)
-                    loss_mean = float(np.mean(loss_window))
-                    if dist_info.is_main:
-                        ckpt.append_metrics(run_dir, {"kind": "train", "step": step, "loss": loss_mean, "lr": lr,
-                                                      "grad_norm": norm_value, "chars_per_sec": rate,
-                                                      "elapsed": clock()})
-                    if bar is not None:
-                        _bar_update(bar, step, loss_mean, last_val_bpc, rate, train_config, clock())
-                    elif now - last_plain_log >= PLAIN_LOG_SECONDS:
-                        log(_progress_line(step, plan, loss_mean, last_val_bpc, rate, train_config, clock()))
-                        last_plain_log = now
-                    loss_window.clear()  # on every rank, so that no rank's window grows without end
-                    last_log_time, last_log_step = now, step
-                elif bar is not None:
-                    bar.update(step - bar.n)
+    def score(self, tokens: int | None) -> float:
+        """Evaluate; keep the weights if they are the best so far; log an eval row and a sample. Returns the bpc."""
+        state = self.state
+        val_loss, val_bpc, count = self.evaluate(tokens)
+        if not math.isfinite(val_loss):
+            raise TrainingError(f"validation loss is {val_loss} at step {state.step}; training diverged; "
+                                f"{_what_is_kept(self.run_dir)}")
+        state.last_eval_step = state.step
+        state.evaluations_done += 1
+        if state.best_val_loss is None or val_loss < state.best_val_loss:
+            state.best_val_loss, state.best_val_bpc = val_loss, val_bpc
+            if self.dist_info.is_main:
+                ckpt.save_tensors(self.run_dir / ckpt.WEIGHTS_FILE, ckpt.model_tensors(self.model),
+                                  metadata={"step": str(state.step), "val_loss": repr(val_loss)})
+        self.log_eval(val_loss, val_bpc, count)
+        if self.sample is not None:
+            self.sample.record(self.run_dir, state, val_loss, self.log)
+        return val_bpc
 
-                if consecutive_bad:
-                    continue  # never evaluate or save in the middle of a bad streak
-                if step >= state["next_eval"] and step < plan:
-                    state["elapsed"] = clock()
-                    if train_config.max_time and step > interval_start[0]:  # the speed since the last evaluation
-                        speed = (state["elapsed"] - interval_start[1]) / (step - interval_start[0])
-                        plan = replan(state, train_config, costs, speed, len(val_ids) - 1, dist_info, log)
-                    with averaged():
-                        last_val_bpc = _evaluate_and_save(evaluate, sample, eval_tokens, run_dir, model, state,
-                                                          dist_info, log)
-                    state["next_eval"] = step + state["eval_every"]
-                    save_last_now()
-                    previous_elapsed = None  # the evaluation is not a step
-                    interval_start = (step, clock())
-                elif train_config.checkpoint_every and step % train_config.checkpoint_every == 0:
-                    state["elapsed"] = clock()
-                    save_last_now()
-                    previous_elapsed = None
-        finally:
-            if bar is not None:
-                bar.close()
+    def log_eval(self, val_loss: float, val_bpc: float, tokens: int) -> None:
+        state = self.state
+        state.last_val_loss = val_loss
+        if self.dist_info.is_main:
+            ckpt.append_metrics(self.run_dir, {"kind": "eval", "step": state.step, "val_loss": val_loss,
+                                               "val_bpc": val_bpc, "val_tokens": tokens, "elapsed": state.elapsed})
+            self.log(f"step {state.step}: val loss {val_loss:.4f} nats/token, {val_bpc:.4f} bpc"
+                     + (f" ({tokens:,} tokens)" if state.eval_tokens else ""))
 
-        # ---- the end: interrupted runs save and say how to resume; finished runs evaluate first
-        state["elapsed"] = clock()
-        if stop_reason.startswith("interrupted"):
-            return _interrupted(run_dir, evaluate, sample, save_last_now, model, state, dist_info, log, eval_tokens,
-                                averaged)
-        if state["last_eval_step"] != state["step"]:  # the same tokens as every other evaluation
-            with averaged():
-                last_val_bpc = _evaluate_and_save(evaluate, sample, eval_tokens, run_dir, model, state, dist_info,
-                                                  log)
-        if eval_tokens is not None and state.get("complete_eval_step") != state["step"]:  # then the whole split
-            state["elapsed"] = clock()
-            with averaged():
-                full_loss, full_bpc, count = evaluate(None)
-            state["complete_eval_step"] = state["step"]
-            _log_eval(run_dir, state, full_loss, full_bpc, count, dist_info, log)
-        state["elapsed"] = clock()
-        state["status"], state["stop_reason"] = "finished", stop_reason
-        save_last_now()
-    if dist_info.is_main:
-        plot_losses(run_dir, log)
-    return TrainResult(run_dir, state["step"], state["best_val_loss"], state["best_val_bpc"], clock(), stop_reason,
-                       plan, state.get("last_val_loss"), time.perf_counter() - started - preprocess_time, preprocess_time)
+    def save_last_now(self) -> None:
+        if not _check_finite(self.model):
+            raise TrainingError(f"{self.run_dir}: weights hold NaN or inf; not saving them (the last good "
+                                f"checkpoint is kept)")
+        every_stream = gather_hidden(self.hidden, self.dist_info)  # collectives: all ranks take part
+        rng = gather_rng(self.dist_info, self.device)
+        if self.dist_info.is_main:
+            save_last(self.run_dir, self.model, self.optimizer, self.state, every_stream, rng, self.dist_info,
+                      self.average)
+
+    # ---- the end
+
+    def finish(self, stop_reason: str) -> None:
+        """A finished run: the final weights scored on the periodic evaluations' tokens (unless the
+        last step had one), then on the whole split if those were fewer; ``last/`` saved."""
+        state = self.state
+        state.elapsed = self.clock()
+        if state.last_eval_step != state.step:
+            with self.averaged():
+                self.score(state.eval_tokens)
+        if state.eval_tokens is not None and state.complete_eval_step != state.step:
+            state.elapsed = self.clock()
+            with self.averaged():
+                full_loss, full_bpc, count = self.evaluate(None)
+            state.complete_eval_step = state.step
+            self.log_eval(full_loss, full_bpc, count)
+        state.elapsed = self.clock()
+        state.status, state.stop_reason = "finished", stop_reason
+        self.save_last_now()
+
+    def interrupted(self, eval_tokens: int | None) -> NoReturn:
+        """Save what an interrupted run has, so that generate, evaluate and info accept it; then raise."""
+        state = self.state
+        state.elapsed = self.clock()
+        if state.best_val_loss is None:  # nothing to sample from yet: score the current weights and keep them
+            with self.averaged():
+                if state.plan is not None:
+                    self.score(eval_tokens)
+                elif self.dist_info.is_main:  # stopped while calibrating: the untrained weights, unscored
+                    ckpt.save_tensors(self.run_dir / ckpt.WEIGHTS_FILE, ckpt.model_tensors(self.model),
+                                      metadata={"step": "0"})
+        state.status, state.stop_reason = "interrupted", f"interrupted at step {state.step}"
+        self.save_last_now()
+        if self.dist_info.is_main:
+            plot_losses(self.run_dir, self.log)
+        barrier(self.dist_info)  # torchrun stops every rank when one exits: none may leave before rank 0 saved
+        raise Interrupted(f"training interrupted at step {state.step}; saved {self.run_dir}/{ckpt.LAST_DIR}; "
+                          f"continue with: textrnn train --resume {self.run_dir}")
+
+    def result(self, stop_reason: str) -> TrainResult:
+        state = self.state
+        return TrainResult(self.run_dir, state.step, state.best_val_loss, state.best_val_bpc, self.clock(),
+                           stop_reason, state.plan, state.last_val_loss,
+                           time.perf_counter() - self.started - self.preprocess_time, self.preprocess_time)
 
 
 def _setup_new(dist_info, inputs, out_dir, model_config, train_config, base: "Base | None", tokenizer, vocab_size,
@@ -594,55 +766,7 @@ def _check_finite(model: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in model.parameters())
 
 
-# ---------------------------------------------------------------- evaluation and the end
-
-def _evaluate_and_save(evaluate, sample: "_Sample | None", tokens: int | None, run_dir: Path, model, state: dict,
-                       dist_info: Dist, log) -> float:
-    """Evaluate; keep the weights if they are the best so far; log an eval row and a sample. Returns the bpc."""
-    val_loss, val_bpc, count = evaluate(tokens)
-    if not math.isfinite(val_loss):
-        raise TrainingError(f"validation loss is {val_loss} at step {state['step']}; training diverged; "
-                            f"{_what_is_kept(run_dir)}")
-    state["last_eval_step"] = state["step"]
-    state["evaluations_done"] = state.get("evaluations_done", 0) + 1
-    if state["best_val_loss"] is None or val_loss < state["best_val_loss"]:
-        state["best_val_loss"], state["best_val_bpc"] = val_loss, val_bpc
-        if dist_info.is_main:
-            ckpt.save_tensors(run_dir / ckpt.WEIGHTS_FILE, ckpt.model_tensors(model),
-                              metadata={"step": str(state["step"]), "val_loss": repr(val_loss)})
-    _log_eval(run_dir, state, val_loss, val_bpc, count, dist_info, log)
-    if sample is not None:
-        sample.record(run_dir, state, val_loss, log)
-    return val_bpc
-
-
-def _log_eval(run_dir: Path, state: dict, val_loss: float, val_bpc: float, tokens: int, dist_info: Dist,
-              log) -> None:
-    state["last_val_loss"] = val_loss
-    if dist_info.is_main:
-        ckpt.append_metrics(run_dir, {"kind": "eval", "step": state["step"], "val_loss": val_loss,
-                                      "val_bpc": val_bpc, "val_tokens": tokens, "elapsed": state["elapsed"]})
-        log(f"step {state['step']}: val loss {val_loss:.4f} nats/token, {val_bpc:.4f} bpc"
-            + (f" ({tokens:,} tokens)" if state.get("eval_tokens") else ""))
-
-
-def _interrupted(run_dir: Path, evaluate, sample, save_last_now, model, state: dict, dist_info: Dist, log,
-                 eval_tokens: int | None, averaged) -> TrainResult:
-    """Save what an interrupted run has, so that generate, evaluate and info accept it; then raise."""
-    if state["best_val_loss"] is None:  # nothing to sample from yet: score the current weights and keep them
-        with averaged():
-            if state.get("plan") is not None:
-                _evaluate_and_save(evaluate, sample, eval_tokens, run_dir, model, state, dist_info, log)
-            elif dist_info.is_main:  # stopped while calibrating: the untrained weights, unscored
-                ckpt.save_tensors(run_dir / ckpt.WEIGHTS_FILE, ckpt.model_tensors(model), metadata={"step": "0"})
-    state["status"], state["stop_reason"] = "interrupted", f"interrupted at step {state['step']}"
-    save_last_now()
-    if dist_info.is_main:
-        plot_losses(run_dir, log)
-    barrier(dist_info)  # torchrun stops every rank when one exits: none may leave before rank 0 saved
-    raise Interrupted(f"training interrupted at step {state['step']}; saved {run_dir}/{ckpt.LAST_DIR}; "
-                      f"continue with: textrnn train --resume {run_dir}")
-
+# ---------------------------------------------------------------- samples while training
 
 class _Sample:
     """The text sampled at each evaluation: a fixed prompt, seed and temperature, so that samples
@@ -665,15 +789,15 @@ class _Sample:
         finally:
             self.model.train(was_training)
 
-    def record(self, run_dir: Path, state: dict, val_loss: float, log) -> None:
+    def record(self, run_dir: Path, state: RunState, val_loss: float, log) -> None:
         """Sample, append the row to samples.jsonl and show it in the log."""
         start = time.perf_counter()
         text = self.text()
-        state["sample_seconds"] = state.get("sample_seconds", 0.0) + time.perf_counter() - start
-        ckpt.append_metrics(run_dir, {"step": state["step"], "elapsed": state["elapsed"], "val_loss": val_loss,
+        state.sample_seconds += time.perf_counter() - start
+        ckpt.append_metrics(run_dir, {"step": state.step, "elapsed": state.elapsed, "val_loss": val_loss,
                                       "prompt": self.prompt, "temperature": SAMPLE_TEMPERATURE, "text": text},
                             ckpt.SAMPLES_FILE)
-        log(f"step {state['step']} sample:\n" + textwrap.indent(self.prompt + text, "  | ", lambda line: True))
+        log(f"step {state.step} sample:\n" + textwrap.indent(self.prompt + text, "  | ", lambda line: True))
 
 
 def _sample_prompt(config: TrainConfig, tokenizer: Tokenizer, val_ids: np.ndarray) -> str:
@@ -708,6 +832,18 @@ def _check_same_data(dataset: Dataset, data_config: dict) -> None:
         if current.get(split) != digest:
             raise CheckpointError(f"{dataset.path / (split + '.bin')}: changed since the run started "
                                   f"({how} mismatch); resume needs the original data")
+
+
+def _load_data(run_dir: Path, config: dict, resumed: bool) -> Dataset:
+    """The run's token ids; a resumed run's must be the ones it started on (every rank checks its
+    own copy, so all raise together and none waits in a collective)."""
+    data_path = run_dir / config["data"]["path"]  # relative to the run, or absolute
+    dataset = load_dataset(data_path) if data_path.is_dir() else None
+    if dataset is None:
+        raise CheckpointError(f"{run_dir}: training data {config['data']['path']} is missing")
+    if resumed:
+        _check_same_data(dataset, config["data"])
+    return dataset
 
 
 def _setup_resume(run_dir: Path, overrides: dict) -> dict:
