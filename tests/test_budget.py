@@ -354,3 +354,54 @@ def test_the_default_model_is_sized_for_the_budget(data_dir, tmp_path):
     assert json.loads((result.run_dir / "config.json").read_text())["model"]["hidden_size"] == 384
     # fine-tuning keeps the base's model: auto never contradicts it
     assert trained("tuned", "--init-from", tmp_path / "short", "--preset", "auto")["hidden_size"] == 256
+
+
+# ---------------------------------------------------------------- replaying a time-budgeted run
+
+def test_replay_after_a_replan_equals_the_run_bit_for_bit(tmp_path, data_dir, monkeypatch):
+    """A time budget replanned because its steps slowed down after the plan; ``train --replay``
+    follows the recorded plans at full speed and computes the same run: every loss, rate and
+    weight, and the same evaluations."""
+    real_loss, real_plan, planned = training._loss, training.make_plan, {}
+
+    def plan_then_slow_down(state, config, costs, *args, **kwargs):
+        real_plan(state, config, costs, *args, **kwargs)
+        planned["step"] = costs.step
+
+    def slow_loss(logits, targets):
+        if planned and torch.is_grad_enabled():
+            time.sleep(2 * planned["step"])
+        return real_loss(logits, targets)
+
+    for module in (training, budget):
+        monkeypatch.setattr(module, "plot_losses", lambda *args: None)
+    with monkeypatch.context() as slow:
+        slow.setattr(training, "make_plan", plan_then_slow_down)
+        slow.setattr(training, "_loss", slow_loss)
+        original = train([data_dir], tmp_path / "run", tiny_model(), tiny_train(max_time=5.0, log_every=1))
+    plans = _state(tmp_path / "run")["plans"]
+    assert [p["kind"] for p in plans][:2] == ["plan", "replan"] and plans[1]["plan"] < plans[0]["plan"], plans
+
+    replayed = train(replay=tmp_path / "run")
+    assert replayed.run_dir == tmp_path / "run-replay"
+    assert (replayed.step, replayed.stop_reason) == (original.step, original.stop_reason)
+    _assert_same_training(tmp_path / "run", tmp_path / "run-replay")
+    keys = ("step", "val_loss", "val_tokens")
+    assert [[r[k] for k in keys] for r in _rows(tmp_path / "run", "eval")] == \
+        [[r[k] for k in keys] for r in _rows(tmp_path / "run-replay", "eval")]
+    assert _state(tmp_path / "run-replay")["plans"] == plans
+
+
+def test_replay_refuses_what_it_cannot_follow(tmp_path, data_dir):
+    with pytest.raises(Interrupted):
+        train([data_dir], tmp_path / "stopped", tiny_model(), tiny_train(max_steps=12),
+              should_stop=lambda step: step == 5)
+    code, _, err = invoke("train", "--replay", tmp_path / "stopped")
+    assert code == 2 and "stopped" in err and "not finished" in err and "Traceback" not in err
+    train([data_dir], tmp_path / "done", tiny_model(), tiny_train(max_steps=6))
+    code, _, err = invoke("train", "--replay", tmp_path / "done", "--dropout", "0.3")
+    assert code == 2 and "--replay" in err and "alone" in err
+    code, _, _ = invoke("train", "--replay", tmp_path / "done", "--out", tmp_path / "again")
+    assert code == 0 and (tmp_path / "again" / "model.safetensors").is_file()
+    code, _, err = invoke("train", "--replay", tmp_path / "done", "--out", tmp_path / "again")
+    assert code == 2 and "already holds a run" in err

@@ -15,6 +15,7 @@ import torch
 
 from .config import TrainConfig, format_duration
 from .distributed import Dist, agree, broadcast
+from .errors import CheckpointError
 from .model import State
 from .plot import plot_losses
 from .runstate import RunState
@@ -120,6 +121,7 @@ def make_plan(state: RunState, config: TrainConfig, costs: Costs | None, elapsed
     state.eval_every, state.next_eval = every, (state.step // every + 1) * every
     state.evaluations_planned, state.eval_tokens = EVALUATIONS, eval_tokens
     state.limits, state.costs = limits, costs.__dict__ if costs else None
+    _record(state, "plan")
     if costs:
         log(f"time budget {format_duration(config.max_time)}: {costs.step * 1000:.0f} ms a step, so a plan of "
             f"{plan:,} steps, evaluating every {state.eval_every:,}"
@@ -149,7 +151,55 @@ def replan(state: RunState, config: TrainConfig, costs: Costs, step_seconds: flo
         if not config.eval_every:  # the evaluations still to come, spread over the new rest of the plan
             evaluations_left = max(1, EVALUATIONS - state.evaluations_done - 1)
             state.eval_every = max(1, (new_plan - step) // evaluations_left)
+        _record(state, "replan")
     return new_plan
+
+
+def _record(state: RunState, kind: str) -> None:
+    state.plans.append({"kind": kind, "step": state.step, "plan": state.plan, "eval_every": state.eval_every,
+                        "reason": state.plan_reason})
+
+
+class Replay:
+    """The plans a finished run followed, to follow them again: ``train --replay RUN_DIR``.
+
+    A time budget's plan comes from the machine's speed, and is replanned when it changes, so the
+    same settings give another run on a busy machine. Replaying takes the recorded plan instead of
+    timing steps, applies each replan at the step it was made, and stops where the run stopped:
+    with the same threads on the same machine, every loss and weight is the same, bit for bit.
+    """
+
+    def __init__(self, run_dir: Path, state: RunState) -> None:
+        where = f"{run_dir}: "
+        if state.status != "finished":
+            raise CheckpointError(where + f"the run is {state.status}, not finished; --resume it first, then replay it")
+        if not state.plans:
+            raise CheckpointError(where + "the run records no plans (it was made before plans were recorded)")
+        if [p["kind"] for p in state.plans].count("plan") != 1:
+            raise CheckpointError(where + "the run was planned again on a resume with new limits; "
+                                          "replay follows a run planned once")
+        self.state, self.first = state, state.plans[0]
+        self.replans = {p["step"]: p for p in state.plans[1:]}
+        self.stop_step, self.stop_reason = state.step, state.stop_reason
+
+    def plan(self, state: RunState) -> None:
+        """The first plan, as the run made it."""
+        saved = self.state
+        state.plan_cap, state.limits, state.costs, state.eval_tokens = (saved.plan_cap, saved.limits, saved.costs,
+                                                                        saved.eval_tokens)
+        state.evaluations_planned = saved.evaluations_planned
+        self._apply(state, self.first)
+        state.next_eval = (state.step // state.eval_every + 1) * state.eval_every
+
+    def replan(self, state: RunState) -> None:
+        """At an evaluation: the replan the run made at this step, if it made one."""
+        if state.step in self.replans:
+            self._apply(state, self.replans[state.step])
+
+    @staticmethod
+    def _apply(state: RunState, plan: dict) -> None:
+        state.plan, state.eval_every, state.plan_reason = plan["plan"], plan["eval_every"], plan["reason"]
+        _record(state, plan["kind"])
 
 
 def over_budget(config: TrainConfig, elapsed: float, step_seconds: float, final_cost: float) -> bool:

@@ -240,6 +240,9 @@ def train(
     init_from: Annotated[Optional[Path], typer.Option(
         help="Fine-tune: a new run on INPUT that starts from this run's best weights, model and tokenizer "
              "(a char vocabulary grows by the new text's characters).")] = None,
+    replay: Annotated[Optional[Path], typer.Option(
+        help="Train this finished run again, bit for bit on the same machine and threads: its data, settings "
+             "and recorded plans (a time budget's replans included), into --out [default: RUN_DIR-replay].")] = None,
 ) -> None:
     started = _PROCESS_START if _PROCESS_START is not None else time.perf_counter()  # when the budget began
     flags = {
@@ -254,7 +257,14 @@ def train(
         "errors": _value(errors), "preset": preset_name,
     }
     progress = sys.stderr.isatty() or bool(os.environ.get("TEXTRNN_PROGRESS"))
-    if resume is not None:
+    if replay is not None:
+        given = sorted(k for k, v in flags.items() if v is not None)
+        if inputs or resume is not None or init_from is not None or config is not None or given:
+            _fail("--replay trains a run again with its own data and settings; give it alone (with --out)")
+        from .training import train as run_training
+
+        result = _run(run_training, out_dir=out, replay=replay, progress=progress, log=_warn, started=started)
+    elif resume is not None:
         if init_from is not None:
             _fail("--init-from starts a new run from a trained one and --resume continues a run; give one")
         if inputs:

@@ -52,6 +52,9 @@ class RunState:
     eval_tokens: int | None = None  # validation tokens a periodic evaluation reads (None: all)
     evaluations_planned: int | None = None
     evaluations_done: int = 0
+    # every plan the run followed: {"step", "plan", "eval_every", "reason"}, the first made at the
+    # start (or on a resume with new limits), the others by replan; ``train --replay`` follows them
+    plans: list[dict] = field(default_factory=list)
     # scores
     best_val_loss: float | None = None  # of the weights in model.safetensors
     best_val_bpc: float | None = None

@@ -54,7 +54,7 @@ from .model import RNNLanguageModel, State, detach_state
 from .plot import plot_losses
 from .runstate import RunState, data_fingerprint, restore, save_last
 from .runtime import autocast, choose_threads, resolve_precision, set_seed
-from .budget import make_plan, measure_costs, over_budget, replan, rollback, snapshot, time_steps
+from .budget import Replay, make_plan, measure_costs, over_budget, replan, rollback, snapshot, time_steps
 from .finetune import Base, base_record, check_base_tokenizer, read_base, start_from_base
 from .schedule import Costs, learning_rate
 from .tokenizers import Tokenizer
@@ -134,7 +134,7 @@ def train(inputs: list[str | os.PathLike] | None = None, out_dir: str | os.PathL
           init_from: str | os.PathLike | None = None, tokenizer: str | None = None, vocab_size: int | None = None,
           val_fraction: float = 0.1, errors: str = "strict", progress: bool = False,
           log: Callable[[str], None] = _NO_LOG, should_stop: Callable[[int], bool] | None = None,
-          started: float | None = None) -> TrainResult:
+          started: float | None = None, replay: str | os.PathLike | None = None) -> TrainResult:
     """Train a model and write its run directory; or continue one with ``resume=RUN_DIR``.
 
     ``inputs`` is text files, a directory of them, or one directory made by ``preprocess``.
@@ -144,12 +144,19 @@ def train(inputs: list[str | os.PathLike] | None = None, out_dir: str | os.PathL
     ``tokenizer`` is ``char`` unless given, or the base's with ``init_from``.
     ``should_stop(step)`` lets a caller stop at a step boundary, as a signal would. ``started``
     (a ``time.perf_counter()`` value) is when the time budget began: the process's start for the
-    CLI, the call otherwise.
+    CLI, the call otherwise. ``replay=RUN_DIR`` trains a finished run again as a new run in
+    ``out_dir`` (``RUN_DIR-replay`` by default), following the plans it recorded (``budget.Replay``).
     """
     started = time.perf_counter() if started is None else started
     overrides = resume_overrides or {}
     if resume and init_from:
         raise ConfigError("init_from starts a new run from a trained one and resume continues a run; give one")
+    replayed = None
+    if replay:
+        if resume or init_from or inputs:
+            raise ConfigError("replay trains a finished run again on its own data and settings; give it alone")
+        inputs, model_config, train_config, replayed = _read_replay(Path(replay))
+        out_dir = out_dir or Path(replay).with_name(Path(replay).name + "-replay")
     if resume:
         saved_train = ckpt.run_config(Path(resume))["train"]
         device_name = overrides.get("device") or saved_train.get("device", "auto")
@@ -162,7 +169,7 @@ def train(inputs: list[str | os.PathLike] | None = None, out_dir: str | os.PathL
                       train_config=train_config, resume=resume, overrides=overrides, init_from=init_from,
                       data_settings=dict(tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
                                          errors=errors),
-                      progress=progress, log=log, should_stop=should_stop, started=started)
+                      progress=progress, log=log, should_stop=should_stop, started=started, replay=replayed)
     except BaseException as exc:
         if dist_info.owns_group:  # the traceback would keep the DDP wrapper alive past its group: see below
             traceback.clear_frames(exc.__traceback__)
@@ -181,8 +188,10 @@ def train(inputs: list[str | os.PathLike] | None = None, out_dir: str | os.PathL
 
 def _train(dist_info: Dist, device: torch.device, *, inputs, out_dir, model_config: ModelConfig | None,
            train_config: TrainConfig | None, resume, overrides: dict, init_from, data_settings: dict, progress: bool,
-           log: Callable[[str], None], should_stop, started: float) -> TrainResult:
+           log: Callable[[str], None], should_stop, started: float, replay: Replay | None) -> TrainResult:
     """``train`` on this process's rank and device: the arguments are train's, named."""
+    if replay is not None and replay.state.world_size != dist_info.world_size:
+        raise ConfigError(f"the run was trained by {replay.state.world_size} process(es); replay it on as many")
     log = log if dist_info.is_main else _NO_LOG
     progress = progress and dist_info.is_main
     # before anything is written: TEXTRNN_THREADS may be wrong, and the load is read before the work starts
@@ -194,6 +203,7 @@ def _train(dist_info: Dist, device: torch.device, *, inputs, out_dir, model_conf
                                                      init_from, data_settings, progress, log)
     run = _Run(dist_info, device, run_dir, config, resumed=bool(resume), log=log, started=started,
                preprocess_time=preprocess_time)
+    run.replay = replay
     run.start(threads, keep_threads=bool(resume) and not overrides.get("threads"))
     with _StopSignal(repeat_grace=2.0 if dist_info.enabled else 0.0) as signals:
         if not _plan(run, signals):
@@ -247,7 +257,9 @@ def _plan(run: "_Run", signals: _StopSignal) -> bool:
     timed on a few real steps, which are then taken back. False if a signal came while timing."""
     config = run.train_config
     limits = {k: getattr(config, k) for k in ("max_steps", "max_time", "epochs", "eval_every", "eval_tokens")}
-    if run.state.plan is None or run.state.limits != limits:
+    if run.replay is not None:
+        run.replay.plan(run.state)
+    elif run.state.plan is None or run.state.limits != limits:
         costs = None
         if config.max_time:
             costs = _calibrate(run, signals)
@@ -313,11 +325,13 @@ def _why_stop(run: "_Run", signals: _StopSignal, should_stop, pace: "_Pace") -> 
     elapsed, interrupted = agree(run.clock(), bool(interrupt), run.dist_info, run.device)
     state.elapsed = elapsed
     pace.tick(elapsed)
+    if run.replay is not None and state.step >= run.replay.stop_step:  # where the replayed run stopped
+        return run.replay.stop_reason
     if state.step >= state.plan:
         return state.plan_reason
     if interrupted:
         return f"interrupted ({interrupt or 'another rank'})"
-    if over_budget(run.train_config, elapsed, pace.seconds, run.final_cost):
+    if run.replay is None and over_budget(run.train_config, elapsed, pace.seconds, run.final_cost):
         return (f"time budget: stopped at step {state.step} of the planned {state.plan}, "
                 f"as the machine ran slower than calibrated")
     return ""
@@ -390,6 +404,7 @@ class _Run:
     evaluations and saves that change them. ``_train`` makes it; the phases call its methods."""
 
     costs: Costs | None = None  # of a time budget, once planned
+    replay: Replay | None = None  # the plans to follow instead of the clock (train --replay)
     final_cost: float = 0.0  # seconds the last evaluation and save take
     consecutive_bad = 0
 
@@ -567,7 +582,9 @@ class _Run:
         state, config = self.state, self.train_config
         state.elapsed = self.clock()
         start_step, start_time = self.interval_start
-        if config.max_time and state.step > start_step:
+        if self.replay is not None:
+            self.replay.replan(state)
+        elif config.max_time and state.step > start_step:
             speed = (state.elapsed - start_time) / (state.step - start_step)
             replan(state, config, self.costs, speed, self.val_tokens, self.dist_info, self.log)
         with self.averaged():
@@ -832,6 +849,21 @@ def _check_same_data(dataset: Dataset, data_config: dict) -> None:
         if current.get(split) != digest:
             raise CheckpointError(f"{dataset.path / (split + '.bin')}: changed since the run started "
                                   f"({how} mismatch); resume needs the original data")
+
+
+def _read_replay(run_dir: Path) -> tuple[list[Path], ModelConfig, TrainConfig, Replay]:
+    """What ``train --replay`` needs of a finished run: its data, its settings (its threads too) and its plans."""
+    config = ckpt.run_config(run_dir)
+    if config.get("init_from"):
+        raise CheckpointError(f"{run_dir}: a fine-tuned run; replay covers runs trained from scratch")
+    state_file = ckpt.last_dir(run_dir) / ckpt.STATE_FILE
+    saved = ckpt.read_json(state_file, "checkpoint")
+    ckpt.check_format(saved, "textrnn-state", state_file)
+    replay = Replay(run_dir, RunState.from_dict(saved, state_file))
+    dataset = _load_data(run_dir, config, resumed=True)  # the very data it trained on
+    train_config = TrainConfig.from_dict(config["train"], source=str(run_dir / ckpt.CONFIG_FILE))
+    train_config.threads = replay.state.threads or train_config.threads
+    return [dataset.path], ModelConfig.from_dict(config["model"], str(run_dir / ckpt.CONFIG_FILE)), train_config, replay
 
 
 def _load_data(run_dir: Path, config: dict, resumed: bool) -> Dataset:
