@@ -405,3 +405,20 @@ def test_replay_refuses_what_it_cannot_follow(tmp_path, data_dir):
     assert code == 0 and (tmp_path / "again" / "model.safetensors").is_file()
     code, _, err = invoke("train", "--replay", tmp_path / "done", "--out", tmp_path / "again")
     assert code == 2 and "already holds a run" in err
+
+
+def test_auto_fitted_to_a_time_budget_then_replayed(tmp_path):
+    """Under a time budget the epochs are known after calibration; when auto turns DropConnect on,
+    the steps are timed and planned again. The run records one plan, and ``--replay`` follows it."""
+    from textrnn.config import AUTO_FITTED
+
+    # 180 training tokens: even 60 steps of 8 x 16 read them 40 times, however busy the machine
+    (tmp_path / "short.txt").write_text(_corpus(200), encoding="utf-8")
+    train([tmp_path / "short.txt"], tmp_path / "run", tiny_model(dropout=0.0), tiny_train(max_time=5.0),
+          fit=AUTO_FITTED)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["auto"]["planned_epochs"] > 39, config["auto"]
+    assert (config["model"]["dropout"], config["model"]["weight_drop"]) == (0.35, 0.2)
+    assert [p["kind"] for p in _state(tmp_path / "run")["plans"]].count("plan") == 1
+    train(replay=tmp_path / "run")
+    _assert_same_training(tmp_path / "run", tmp_path / "run-replay")

@@ -306,7 +306,7 @@ def _new_run(inputs: list[Path], out: Optional[Path], config: Optional[Path], in
         tokenizer_kind = given.get("tokenizer")
     return _run(run_training, inputs, out, model_config, train_config, init_from=init_from,
                 tokenizer=tokenizer_kind, vocab_size=data["vocab_size"], val_fraction=data["val_fraction"],
-                errors=data["errors"], progress=progress, log=_warn, started=started)
+                errors=data["errors"], progress=progress, log=_warn, started=started, fit=data["fit"])
 
 
 def _report_run(result) -> None:
@@ -547,7 +547,11 @@ def info(
     trains = [r for r in rows if r.get("kind") == "train"]
     print(f"run        {run_dir}")
     print(f"model      {model.cell} {model.num_layers}x{model.hidden_size}, embedding {model.embedding_dim}, "
-          f"dropout {model.dropout}, tied {model.tie_weights}")
+          f"dropout {model.dropout}" + (f", weight drop {model.weight_drop}" if model.weight_drop else "")
+          + f", tied {model.tie_weights}")
+    auto = config.get("auto")
+    if isinstance(auto, dict) and isinstance(auto.get("why"), str):
+        print(f"auto       {auto['why'].removeprefix('auto: ')}")
     print(f"parameters {count_parameters(model):,}")
     print(f"tokenizer  {config['tokenizer'].get('kind')} (vocab {config['tokenizer'].get('vocab_size')})")
     base = config.get("init_from")

@@ -78,6 +78,16 @@ AUTO_WIDE_FROM = 20 * 60.0
 AUTO_WIDE = dict(num_layers=2, hidden_size=384, embedding_dim=128, dropout=0.15)
 DEFAULT_PRESET = "auto"
 PRESET_CHOICES = ("auto", *PRESETS)
+# ... and once the plan is known, fits the regularisation to the corpus (see auto_regularisation);
+# a setting given on the command line or in a file is kept.
+AUTO_FITTED = ("dropout", "weight_drop")
+# Measured with the 2x256 default (BENCHMARKS.md, "The default fitted to the corpus"): the dropout
+# that the grid's best settings had, by how often the plan reads the corpus (planned epochs) and
+# by how much text there is for each weight (training tokens per parameter). Between two rows the
+# dropout follows the logarithm; outside them, the end rows.
+AUTO_DROPOUT_BY_EPOCHS = ((4.0, 0.05), (13.0, 0.15), (39.0, 0.35))
+AUTO_DROPOUT_BY_DATA = ((0.1, 0.35), (0.28, 0.15), (1.0, 0.05))
+AUTO_WEIGHT_DROP = (30.0, 0.1, 0.2)  # from this many epochs, at most this many tokens per weight: DropConnect 0.2
 
 
 def preset(name: str, max_time: float | None = None, **overrides: Any) -> ModelConfig:
@@ -89,6 +99,31 @@ def preset(name: str, max_time: float | None = None, **overrides: Any) -> ModelC
     else:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_CHOICES)}")
     return ModelConfig(**{**shape, **overrides})
+
+
+def auto_regularisation(planned_epochs: float, tokens_per_parameter: float, floor: float = 0.0) -> dict[str, float]:
+    """Dropout and weight drop for a plan that reads its training split ``planned_epochs`` times,
+    with ``tokens_per_parameter`` training tokens for each weight of the model.
+
+    Both must be large to overfit: a corpus read a few times is not memorised, however small, and
+    one with as many tokens as weights is not memorised in 55 epochs (tiny Shakespeare, 30 minutes).
+    So the dropout is the smaller of what each calls for, and never below ``floor`` (the preset's).
+    """
+    by_epochs = _log_interpolate(AUTO_DROPOUT_BY_EPOCHS, planned_epochs)
+    by_data = _log_interpolate(AUTO_DROPOUT_BY_DATA, tokens_per_parameter)
+    epochs, ratio, weight_drop = AUTO_WEIGHT_DROP
+    return {"dropout": round(max(floor, min(by_epochs, by_data)), 2),
+            "weight_drop": weight_drop if planned_epochs >= epochs and tokens_per_parameter <= ratio else 0.0}
+
+
+def _log_interpolate(rows: tuple[tuple[float, float], ...], x: float) -> float:
+    """``y`` at ``x`` on the piecewise line through ``rows`` in log(x); the end values outside them."""
+    if x <= rows[0][0]:
+        return rows[0][1]
+    for (x0, y0), (x1, y1) in zip(rows, rows[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * math.log(x / x0) / math.log(x1 / x0)
+    return rows[-1][1]
 
 
 def count_parameters(config: ModelConfig, vocab_size: int | None = None) -> int:
@@ -322,16 +357,19 @@ def build_configs(file_settings: dict[str, Any], flags: dict[str, Any], source: 
     """The preset, then the config file, then command-line flags (flags win; a None flag is unset).
 
     Returns the model and train configs and the data stage's settings (tokenizer, vocab_size,
-    val_fraction, errors, init_from), defaults filled in.
+    val_fraction, errors, init_from) with defaults filled in, and ``fit``: the settings that
+    ``auto`` fits once the plan is known (``AUTO_FITTED`` less those given).
     """
     settings = {**file_settings, **{k: v for k, v in flags.items() if v is not None}}
     for key, kinds in DATA_TYPES.items():
         value = settings.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
             raise ConfigError(f"{source}: {key} has the wrong type ({type(value).__name__}: {value!r})")
-    base = preset(settings.pop("preset", DEFAULT_PRESET), settings.get("max_time"))
+    name = settings.pop("preset", DEFAULT_PRESET)
+    base = preset(name, settings.get("max_time"))
     model = {**base.to_dict(), **{k: v for k, v in settings.items() if k in MODEL_KEYS}}
     data = {**DATA_DEFAULTS, **{k: settings[k] for k in DATA_DEFAULTS if k in settings}}
+    data["fit"] = [k for k in AUTO_FITTED if k not in settings] if name == "auto" else []
     train = {k: v for k, v in settings.items() if k in TRAIN_KEYS}
     return ModelConfig.from_dict(model, source), TrainConfig.from_dict(train, source), data
 

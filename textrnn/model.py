@@ -65,6 +65,13 @@ class RNNLanguageModel(nn.Module):
         self._init_weights()
         self._step_cache: dict | None = None
 
+    def set_regularisation(self, dropout: float, weight_drop: float) -> None:
+        """Change dropout and DropConnect in place (``--preset auto`` sets them once the plan is known);
+        neither takes part in building the weights, so the model is the one these values would build."""
+        self.config.dropout, self.config.weight_drop = dropout, weight_drop
+        self.drop.p = dropout
+        self.rnn.dropout = dropout if self.config.num_layers > 1 else 0.0
+
     def _init_weights(self) -> None:
         nn.init.normal_(self.embedding.weight, std=0.1 if self.config.tie_weights else 1.0)
         hidden, gates = self.config.hidden_size, _GATES[self.config.cell]

@@ -33,7 +33,7 @@ import textwrap
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .averaging import WeightAverage
-from .config import DEFAULT_PRESET, ModelConfig, TrainConfig, format_duration, preset
+from .config import AUTO_FITTED, DEFAULT_PRESET, ModelConfig, TrainConfig, auto_regularisation, format_duration, preset
 from .data import Dataset, TrainStreams, is_dataset_dir, load_dataset, preprocess
 from .distributed import Dist, agree, barrier, broadcast, gather_hidden, gather_rng, init_distributed, reduce_step
 from .errors import CheckpointError, ConfigError, InputError, TextRNNError, TrainingError
@@ -134,7 +134,8 @@ def train(inputs: list[str | os.PathLike] | None = None, out_dir: str | os.PathL
           init_from: str | os.PathLike | None = None, tokenizer: str | None = None, vocab_size: int | None = None,
           val_fraction: float = 0.1, errors: str = "strict", progress: bool = False,
           log: Callable[[str], None] = _NO_LOG, should_stop: Callable[[int], bool] | None = None,
-          started: float | None = None, replay: str | os.PathLike | None = None) -> TrainResult:
+          started: float | None = None, replay: str | os.PathLike | None = None,
+          fit: Iterable[str] | None = None) -> TrainResult:
     """Train a model and write its run directory; or continue one with ``resume=RUN_DIR``.
 
     ``inputs`` is text files, a directory of them, or one directory made by ``preprocess``.
@@ -146,6 +147,8 @@ def train(inputs: list[str | os.PathLike] | None = None, out_dir: str | os.PathL
     (a ``time.perf_counter()`` value) is when the time budget began: the process's start for the
     CLI, the call otherwise. ``replay=RUN_DIR`` trains a finished run again as a new run in
     ``out_dir`` (``RUN_DIR-replay`` by default), following the plans it recorded (``budget.Replay``).
+    ``fit`` names the model settings that ``--preset auto`` fits to the corpus once the plan is
+    known (``config.AUTO_FITTED``); by default all of them when no ``model_config`` is given.
     """
     started = time.perf_counter() if started is None else started
     overrides = resume_overrides or {}
@@ -169,6 +172,7 @@ def train(inputs: list[str | os.PathLike] | None = None, out_dir: str | os.PathL
                       train_config=train_config, resume=resume, overrides=overrides, init_from=init_from,
                       data_settings=dict(tokenizer=tokenizer, vocab_size=vocab_size, val_fraction=val_fraction,
                                          errors=errors),
+                      fit=list(AUTO_FITTED if fit is None and model_config is None else fit or ()),
                       progress=progress, log=log, should_stop=should_stop, started=started, replay=replayed)
     except BaseException as exc:
         if dist_info.owns_group:  # the traceback would keep the DDP wrapper alive past its group: see below
@@ -188,7 +192,8 @@ def train(inputs: list[str | os.PathLike] | None = None, out_dir: str | os.PathL
 
 def _train(dist_info: Dist, device: torch.device, *, inputs, out_dir, model_config: ModelConfig | None,
            train_config: TrainConfig | None, resume, overrides: dict, init_from, data_settings: dict, progress: bool,
-           log: Callable[[str], None], should_stop, started: float, replay: Replay | None) -> TrainResult:
+           log: Callable[[str], None], should_stop, started: float, replay: Replay | None,
+           fit: list[str]) -> TrainResult:
     """``train`` on this process's rank and device: the arguments are train's, named."""
     if replay is not None and replay.state.world_size != dist_info.world_size:
         raise ConfigError(f"the run was trained by {replay.state.world_size} process(es); replay it on as many")
@@ -200,7 +205,7 @@ def _train(dist_info: Dist, device: torch.device, *, inputs, out_dir, model_conf
         run_dir, config, preprocess_time = Path(resume), _setup_resume(Path(resume), overrides), 0.0
     else:
         run_dir, config, preprocess_time = _open_new(dist_info, device, inputs, out_dir, model_config, train_config,
-                                                     init_from, data_settings, progress, log)
+                                                     init_from, data_settings, progress, log, fit)
     run = _Run(dist_info, device, run_dir, config, resumed=bool(resume), log=log, started=started,
                preprocess_time=preprocess_time)
     run.replay = replay
@@ -219,7 +224,7 @@ def _train(dist_info: Dist, device: torch.device, *, inputs, out_dir, model_conf
 
 def _open_new(dist_info: Dist, device: torch.device, inputs, out_dir, model_config: ModelConfig | None,
               train_config: TrainConfig | None, init_from, data_settings: dict, progress: bool,
-              log) -> tuple[Path, dict, float]:
+              log, fit: list[str]) -> tuple[Path, dict, float]:
     """A new run, or a fine-tune of ``init_from``: rank 0 makes the run directory and config.json
     and every rank gets the same config. Returns the directory, the config and the seconds spent
     preprocessing."""
@@ -236,7 +241,7 @@ def _open_new(dist_info: Dist, device: torch.device, inputs, out_dir, model_conf
     if dist_info.is_main:
         try:
             run_dir, config, seconds = _setup_new(dist_info, inputs, out_dir, model_config, train_config, base,
-                                                  progress=progress, log=log, **data_settings)
+                                                  [] if base else fit, progress=progress, log=log, **data_settings)
             setup = (str(run_dir), config, seconds)
         except BaseException as exc:  # whatever failed, release the other ranks waiting in the broadcast
             if dist_info.enabled:
@@ -267,9 +272,42 @@ def _plan(run: "_Run", signals: _StopSignal) -> bool:
                 return False
         make_plan(run.state, config, costs, agree(run.clock(), False, run.dist_info, run.device)[0],
                   run.streams.steps_per_epoch, run.val_tokens, limits, run.dist_info, run.log)
+        if run.config.get("auto", {}).get("fit") and _fit_to_corpus(run) and config.max_time:
+            run.state.plans.clear()  # DropConnect changed the speed of a step: time and plan again
+            costs = _calibrate(run, signals)
+            if costs is None:
+                return False
+            make_plan(run.state, config, costs, agree(run.clock(), False, run.dist_info, run.device)[0],
+                      run.streams.steps_per_epoch, run.val_tokens, limits, run.dist_info, run.log)
     run.costs = Costs(**run.state.costs) if run.state.costs else None
     run.final_cost = run.costs.final(run.val_tokens) if run.costs else 0.0
     return True
+
+
+def _fit_to_corpus(run: "_Run") -> bool:
+    """``--preset auto``, once the plan is known: dropout and weight drop for the epochs it will
+    read (``config.auto_regularisation``), set in place (neither takes part in building the
+    weights) and recorded in config.json with the reason. Whether the speed of a step changed."""
+    plan, fit = run.state.plan, run.config["auto"]["fit"]
+    train_tokens = len(run.train_ids)
+    epochs = plan * run.batch * run.train_config.seq_len * run.dist_info.world_size / train_tokens
+    per_weight = train_tokens / sum(p.numel() for p in run.model.parameters())
+    rule = auto_regularisation(epochs, per_weight, floor=run.model_config.dropout)
+    chosen = {k: v for k, v in rule.items() if k in fit}
+    before = run.model_config.weight_drop
+    run.model.set_regularisation(chosen.get("dropout", run.model_config.dropout),
+                                 chosen.get("weight_drop", before))
+    why = (f"auto: the plan reads the {train_tokens:,} training tokens {epochs:.1f} times, "
+           f"{per_weight:.2g} per weight, so " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in chosen.items()))
+    run.log(why)
+    run.config["model"] = run.model_config.to_dict()
+    run.config["auto"] = {"fit": [], "planned_epochs": round(epochs, 2), "tokens_per_parameter": round(per_weight, 4),
+                          "chose": chosen, "why": why}
+    if run.dist_info.is_main:
+        on_disk = ckpt.run_config(run.run_dir)
+        on_disk["model"], on_disk["auto"] = run.config["model"], run.config["auto"]
+        ckpt.write_json(run.run_dir / ckpt.CONFIG_FILE, on_disk)
+    return (before > 0) != (run.model_config.weight_drop > 0)
 
 
 def _calibrate(run: "_Run", signals: _StopSignal) -> Costs | None:
@@ -678,8 +716,8 @@ class _Run:
                            time.perf_counter() - self.started - self.preprocess_time, self.preprocess_time)
 
 
-def _setup_new(dist_info, inputs, out_dir, model_config, train_config, base: "Base | None", tokenizer, vocab_size,
-               val_fraction, errors, progress, log) -> tuple[Path, dict, float]:
+def _setup_new(dist_info, inputs, out_dir, model_config, train_config, base: "Base | None", fit: list[str],
+               tokenizer, vocab_size, val_fraction, errors, progress, log) -> tuple[Path, dict, float]:
     """Rank 0 creates the run directory (preprocessing raw text into it) and writes config.json;
     returns the directory, the config and the seconds spent preprocessing. A fine-tuned run
     encodes its text with the base's tokenizer and records its base in config.json."""
@@ -724,6 +762,7 @@ def _setup_new(dist_info, inputs, out_dir, model_config, train_config, base: "Ba
             "data": {"path": _data_path_for_config(data_dir, run_dir), "fingerprint": _fingerprints(dataset),
                      "chars_per_token": {s: dataset.chars_per_token(s) for s in ("train", "val")}},
             "world_size": dist_info.world_size, "torch": torch.__version__,
+            "auto": {"fit": fit},  # what _fit_to_corpus may still set; then what it chose, and why
         }
         if base:
             config["init_from"] = base_record(base, dataset.tokenizer, log)

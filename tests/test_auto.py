@@ -1,0 +1,91 @@
+"""``--preset auto`` fitted to the user's corpus: the rule from token counts alone, what a run
+records and shows of it, and flags that keep their own value."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import invoke, sentence_corpus
+from textrnn.config import TrainConfig, auto_regularisation, count_parameters, preset
+
+DEFAULT_BATCH = TrainConfig().batch_size * TrainConfig().seq_len  # tokens a step reads
+TWO_MINUTES, TEN_MINUTES = 1718, 8569  # steps of the 2x256 default on this CPU (BENCHMARKS.md)
+DEFAULT_WEIGHTS = count_parameters(preset("small"), 65)  # 0.95M
+
+
+@pytest.mark.parametrize("corpus_chars, steps, dropout, weight_drop", [
+    (100_000, TWO_MINUTES, 0.35, 0.2),  # a letter collection: read 39 times in two minutes, memorised
+    (300_000, TWO_MINUTES, 0.15, 0.0),  # 13 epochs
+    (1_115_394, TWO_MINUTES, 0.05, 0.0),  # tiny Shakespeare: under 4 epochs
+    (1_115_394, TEN_MINUTES, 0.05, 0.0),  # 17 epochs, but as many tokens as weights: the tuned default
+    (4_700_000, TEN_MINUTES, 0.05, 0.0),  # the Python standard library
+    (100_000, 150, 0.05, 0.0),  # a small corpus read only three times: nothing to memorise yet
+])
+def test_the_rule_follows_the_table_from_token_counts(corpus_chars, steps, dropout, weight_drop):
+    train_tokens = int(corpus_chars * 0.9)  # the default validation fraction
+    epochs = steps * DEFAULT_BATCH / train_tokens
+    chosen = auto_regularisation(epochs, train_tokens / DEFAULT_WEIGHTS, floor=preset("small").dropout)
+    assert chosen == {"dropout": dropout, "weight_drop": weight_drop}
+
+
+def test_the_rule_is_monotone_and_bounded():
+    grid = [0.01 * 1.3 ** k for k in range(40)]
+    for ratio in grid:
+        dropouts = [auto_regularisation(epochs, ratio)["dropout"] for epochs in grid]
+        assert dropouts == sorted(dropouts)  # more epochs, never less dropout
+    for epochs in grid:
+        dropouts = [auto_regularisation(epochs, ratio)["dropout"] for ratio in grid]
+        assert dropouts == sorted(dropouts, reverse=True)  # more text per weight, never more
+    assert auto_regularisation(1000, 0.001) == {"dropout": 0.35, "weight_drop": 0.2}
+    assert auto_regularisation(0.1, 100)["dropout"] == 0.05
+    assert auto_regularisation(0.1, 100, floor=0.15)["dropout"] == 0.15
+
+
+@pytest.fixture(scope="module")
+def small_corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("auto") / "letters.txt"
+    path.write_text(sentence_corpus(("dear ann, the rain came in. ", "we met the cat at ten. "), 4_000),
+                    encoding="utf-8")
+    return path
+
+
+TINY = ("--layers", "1", "--hidden", "16", "--embed", "8", "--seq-len", "16", "--batch-size", "4",
+        "--threads", "1", "--precision", "fp32", "--sample-length", "0")
+
+
+def _config(run) -> dict:
+    return json.loads((run / "config.json").read_text())
+
+
+def test_a_run_records_what_auto_chose_and_why(small_corpus, tmp_path):
+    steps = 60  # 60 x 4 x 16 tokens over about 3,600: 16 epochs
+    result = invoke("train", small_corpus, "--out", tmp_path / "run", "--max-steps", str(steps), *TINY)
+    assert result.code == 0, result.stderr
+    config = _config(tmp_path / "run")
+    train_tokens = json.loads((tmp_path / "run" / "data" / "meta.json").read_text())["splits"]["train"]["tokens"]
+    epochs = steps * 4 * 16 / train_tokens
+    assert config["auto"]["planned_epochs"] == pytest.approx(epochs, abs=0.01)
+    rule = auto_regularisation(epochs, config["auto"]["tokens_per_parameter"], floor=0.05)
+    assert config["auto"]["chose"] == rule
+    assert {k: config["model"][k] for k in ("dropout", "weight_drop")} == rule
+    assert "auto: the plan reads the" in result.stderr and "times" in result.stderr  # the log's one line
+    shown = invoke("info", tmp_path / "run")
+    assert shown.code == 0 and "auto       the plan reads the" in shown.stdout
+
+
+def test_flags_and_named_presets_keep_their_values(tmp_path):
+    corpus = tmp_path / "short.txt"
+    corpus.write_text(sentence_corpus(("we met the cat at ten. ",), 200), encoding="utf-8")
+    many = ("--max-steps", "200")  # 70 epochs of 180 tokens for 2,000 weights: dropout 0.35, weight drop 0.2
+    given = invoke("train", corpus, "--out", tmp_path / "given", *many, "--dropout", "0.1", *TINY)
+    assert given.code == 0, given.stderr
+    config = _config(tmp_path / "given")
+    assert config["model"]["dropout"] == 0.1 and config["model"]["weight_drop"] == 0.2
+    assert config["auto"]["chose"] == {"weight_drop": 0.2}
+    named = invoke("train", corpus, "--out", tmp_path / "named", *many, "--preset", "small", *TINY)
+    assert named.code == 0, named.stderr
+    config = _config(tmp_path / "named")
+    assert config["model"]["dropout"] == 0.05 and config["auto"] == {"fit": []}
+
