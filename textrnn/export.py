@@ -19,8 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .checkpoint import (CONFIG_FILE, WEIGHTS_FILE, read_json, run_config, staging_directory, write_json,
-                         check_format)
+from .checkpoint import CONFIG_FILE, check_format, read_json, run_config, staging_directory, write_json
 from .errors import ConfigError, InputError, TextRNNError
 
 EXPORT_FORMAT = "textrnn-onnx"
@@ -85,60 +84,20 @@ def step_graph(model: nn.Module) -> bytes:
     from onnx import TensorProto, helper
 
     config = model.config
-    cell, hidden, layers = config.cell, config.hidden_size, config.num_layers
-    rnn = model.rnn
+    cell, layers = config.cell, config.num_layers
     g = _Graph()
-
-    def reorder(rows: torch.Tensor) -> torch.Tensor:  # LSTM gates (i, f, g, o) -> (i, f, o, g)
-        if cell != "lstm":
-            return rows
-        i, f, gg, o = rows.split(hidden, dim=0)
-        return torch.cat([i, f, o, gg])
-
     zero = g.const("axis0", np.array([0], dtype=np.int64))
     outputs_h, outputs_c = [], []
     x = None  # the output of the layer below, (B, H)
     with torch.no_grad():
         for k in range(layers):
-            w_ih, w_hh = getattr(rnn, f"weight_ih_l{k}"), getattr(rnn, f"weight_hh_l{k}")
-            b_ih, b_hh = getattr(rnn, f"bias_ih_l{k}"), getattr(rnn, f"bias_hh_l{k}")
             h = g.op("Gather", "h", g.const(f"layer{k}", np.array(k, dtype=np.int64)), axis=0)  # (B, H)
             if cell == "gru":
-                rz, n = slice(0, 2 * hidden), slice(2 * hidden, 3 * hidden)
-                if k == 0:
-                    table = torch.nn.functional.linear(model.embedding.weight, w_ih, b_ih)  # (V, 3H)
-                    below_rz = g.op("Gather", g.const("table0_rz", table[:, rz] + b_hh[rz]), "ids", axis=0)
-                    gates_rz = g.op("Gemm", h, g.const("w_hh0_rz", w_hh[rz]), below_rz, transB=1)
-                    n_below = g.op("Gather", g.const("table0_n", table[:, n]), "ids", axis=0)
-                else:
-                    both = g.op("Concat", x, h, axis=1)
-                    gates_rz = g.op("Gemm", both, g.const(f"w{k}_rz", torch.cat([w_ih[rz], w_hh[rz]], 1)),
-                                    g.const(f"b{k}_rz", b_ih[rz] + b_hh[rz]), transB=1)
-                    n_below = g.op("Gemm", x, g.const(f"w_ih{k}_n", w_ih[n]), g.const(f"b_ih{k}_n", b_ih[n]),
-                                   transB=1)
-                r, z = g.op("Split", g.op("Sigmoid", gates_rz), axis=1, outputs=2)
-                h_n = g.op("Gemm", h, g.const(f"w_hh{k}_n", w_hh[n]), g.const(f"b_hh{k}_n", b_hh[n]), transB=1)
-                new = g.op("Tanh", g.op("Add", n_below, g.op("Mul", r, h_n)))
-                x = g.op("Add", new, g.op("Mul", z, g.op("Sub", h, new)))  # (1 - z) * n + z * h
+                x = _gru_layer(g, model, k, x, h)
             else:
-                if k == 0:
-                    table = reorder(torch.nn.functional.linear(model.embedding.weight, w_ih, b_ih + b_hh).t()).t()
-                    below = g.op("Gather", g.const("table0", table), "ids", axis=0)  # (B, gates*H)
-                    gates = g.op("Gemm", h, g.const("w_hh0", reorder(w_hh)), below, transB=1)
-                else:
-                    both = g.op("Concat", x, h, axis=1)
-                    gates = g.op("Gemm", both, g.const(f"w{k}", reorder(torch.cat([w_ih, w_hh], 1))),
-                                 g.const(f"b{k}", reorder(b_ih + b_hh)), transB=1)
-                if cell == "lstm":
-                    c = g.op("Gather", "c", g.const(f"layer{k}_c", np.array(k, dtype=np.int64)), axis=0)
-                    sizes = g.const(f"sizes{k}", np.array([3 * hidden, hidden], dtype=np.int64))
-                    ifo, cand = g.op("Split", gates, sizes, axis=1, outputs=2)
-                    i, f, o = g.op("Split", g.op("Sigmoid", ifo), axis=1, outputs=3)
-                    c = g.op("Add", g.op("Mul", f, c), g.op("Mul", i, g.op("Tanh", cand)))
-                    x = g.op("Mul", o, g.op("Tanh", c))
+                x, c = _gated_layer(g, model, k, x, h)
+                if c is not None:
                     outputs_c.append(g.op("Unsqueeze", c, zero))
-                else:
-                    x = g.op("Tanh", gates)
             outputs_h.append(g.op("Unsqueeze", x, zero))
         head_w = model.head.weight
         if not isinstance(model.projection, nn.Identity):
@@ -148,11 +107,10 @@ def step_graph(model: nn.Module) -> bytes:
     if cell == "lstm":
         g.op("Concat", *outputs_c, axis=0, name="c_out")
 
-    vocab = config.vocab_size
-    state_shape = [layers, "batch", hidden]
+    state_shape = [layers, "batch", config.hidden_size]
     inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"]),
               helper.make_tensor_value_info("h", TensorProto.FLOAT, state_shape)]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", vocab]),
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", config.vocab_size]),
                helper.make_tensor_value_info("h_out", TensorProto.FLOAT, state_shape)]
     if cell == "lstm":
         inputs.append(helper.make_tensor_value_info("c", TensorProto.FLOAT, state_shape))
@@ -162,6 +120,62 @@ def step_graph(model: nn.Module) -> bytes:
                                    producer_name="textrnn")
     onnx_model.ir_version = min(onnx_model.ir_version, 8)  # readable by older runtimes too
     return onnx_model.SerializeToString()
+
+
+def _layer_weights(model: nn.Module, k: int) -> tuple[torch.Tensor, ...]:
+    rnn = model.rnn
+    return tuple(getattr(rnn, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+
+
+def _gru_layer(g: _Graph, model: nn.Module, k: int, x: str | None, h: str) -> str:
+    """Layer ``k`` of a GRU step: the new state (B, H). Layer 0 reads its input gates from a table
+    of the embedding already multiplied in, gathered by id."""
+    hidden = model.config.hidden_size
+    w_ih, w_hh, b_ih, b_hh = _layer_weights(model, k)
+    rz, n = slice(0, 2 * hidden), slice(2 * hidden, 3 * hidden)
+    if k == 0:
+        table = torch.nn.functional.linear(model.embedding.weight, w_ih, b_ih)  # (V, 3H)
+        below_rz = g.op("Gather", g.const("table0_rz", table[:, rz] + b_hh[rz]), "ids", axis=0)
+        gates_rz = g.op("Gemm", h, g.const("w_hh0_rz", w_hh[rz]), below_rz, transB=1)
+        n_below = g.op("Gather", g.const("table0_n", table[:, n]), "ids", axis=0)
+    else:
+        both = g.op("Concat", x, h, axis=1)
+        gates_rz = g.op("Gemm", both, g.const(f"w{k}_rz", torch.cat([w_ih[rz], w_hh[rz]], 1)),
+                        g.const(f"b{k}_rz", b_ih[rz] + b_hh[rz]), transB=1)
+        n_below = g.op("Gemm", x, g.const(f"w_ih{k}_n", w_ih[n]), g.const(f"b_ih{k}_n", b_ih[n]), transB=1)
+    r, z = g.op("Split", g.op("Sigmoid", gates_rz), axis=1, outputs=2)
+    h_n = g.op("Gemm", h, g.const(f"w_hh{k}_n", w_hh[n]), g.const(f"b_hh{k}_n", b_hh[n]), transB=1)
+    new = g.op("Tanh", g.op("Add", n_below, g.op("Mul", r, h_n)))
+    return g.op("Add", new, g.op("Mul", z, g.op("Sub", h, new)))  # (1 - z) * n + z * h
+
+
+def _gated_layer(g: _Graph, model: nn.Module, k: int, x: str | None, h: str) -> tuple[str, str | None]:
+    """Layer ``k`` of an LSTM or tanh-RNN step: the new h (B, H) and, for an LSTM, the new c."""
+    cell, hidden = model.config.cell, model.config.hidden_size
+    w_ih, w_hh, b_ih, b_hh = _layer_weights(model, k)
+
+    def reorder(rows: torch.Tensor) -> torch.Tensor:  # LSTM gates (i, f, g, o) -> (i, f, o, g)
+        if cell != "lstm":
+            return rows
+        i, f, gg, o = rows.split(hidden, dim=0)
+        return torch.cat([i, f, o, gg])
+
+    if k == 0:
+        table = reorder(torch.nn.functional.linear(model.embedding.weight, w_ih, b_ih + b_hh).t()).t()
+        below = g.op("Gather", g.const("table0", table), "ids", axis=0)  # (B, gates*H)
+        gates = g.op("Gemm", h, g.const("w_hh0", reorder(w_hh)), below, transB=1)
+    else:
+        both = g.op("Concat", x, h, axis=1)
+        gates = g.op("Gemm", both, g.const(f"w{k}", reorder(torch.cat([w_ih, w_hh], 1))),
+                     g.const(f"b{k}", reorder(b_ih + b_hh)), transB=1)
+    if cell != "lstm":
+        return g.op("Tanh", gates), None
+    c = g.op("Gather", "c", g.const(f"layer{k}_c", np.array(k, dtype=np.int64)), axis=0)
+    sizes = g.const(f"sizes{k}", np.array([3 * hidden, hidden], dtype=np.int64))
+    ifo, cand = g.op("Split", gates, sizes, axis=1, outputs=2)
+    i, f, o = g.op("Split", g.op("Sigmoid", ifo), axis=1, outputs=3)
+    c = g.op("Add", g.op("Mul", f, c), g.op("Mul", i, g.op("Tanh", cand)))
+    return g.op("Mul", o, g.op("Tanh", c)), c
 
 
 def quantized_graph(onnx_model: bytes | os.PathLike) -> bytes:

@@ -24,6 +24,7 @@ import torch
 from .checkpoint import load_run
 from .errors import ConfigError, InputError, TextRNNError
 from .runtime import resolve_device
+from .tokenizers import Tokenizer
 
 MAX_LENGTH = 10_000_000  # tokens per call: far beyond any sensible sample, far below running out of memory
 _GREEDY_BELOW = 1e-30  # temperatures this small are greedy (and would overflow logits / temperature)
@@ -399,10 +400,7 @@ class Sampler:
         # never generate a char model's unknown id: it is the last one, so sample over the others
         unk = getattr(self.tokenizer, "unk_id", None)
         allowed = vocab - 1 if unk == vocab - 1 else vocab
-        decoders = [_TextDecoder(self.tokenizer) for _ in range(num_samples)]
-        keep = max((len(s) for s in stops), default=0)
-        tails = [""] * num_samples  # the last few characters of each sample, to spot stop strings across pieces
-        done = [False] * num_samples
+        outputs = _Outputs(self.tokenizer, num_samples, stops)
         threads = torch.get_num_threads()
         greedy = temperature < _GREEDY_BELOW
         # Random numbers for a block of tokens come from one call: per token, a call costs more
@@ -437,12 +435,7 @@ class Sampler:
             # the caller's own code between pieces must run in its own autograd mode
             with contextlib.nullcontext() if lean and onnx and column else torch.inference_mode():
                 if not greedy and column == 0:
-                    if gumbel:
-                        noise = _gumbel_noise((block, num_samples, allowed), temperature, generator, device)
-                        if lean:
-                            noise = noise.numpy()[:, 0]  # (block, allowed)
-                    else:  # uniform numbers in (0, 1]
-                        draws = 1.0 - torch.rand(num_samples, block, generator=generator, device=device)
+                    noise, draws = _draw_block(gumbel, lean, (block, num_samples, allowed), temperature, generator)
                 if lean:
                     if logits is not logits_tensor:  # onnxruntime's logits are one buffer, rewritten each step
                         logits_tensor, row = logits, logits.numpy()[0, :allowed]
@@ -459,18 +452,9 @@ class Sampler:
                     if seen is not None:
                         seen.scatter_(1, next_ids[:, None], True)
                     tokens = next_ids.tolist()
-                pieces = []
-                for index, token in enumerate(tokens):
-                    if done[index]:
-                        continue
-                    piece = decoders[index].push(token)
-                    if stops and piece:
-                        piece, done[index] = _cut_at_stop(tails[index], piece, stops)
-                        tails[index] = (tails[index] + piece)[-keep:]
-                    if piece:
-                        pieces.append((index, piece))
+                pieces = outputs.push(tokens)
                 # the next token's logits, before this one's text is handed out (one inference-mode entry per token)
-                if position + 1 < length and not all(done):
+                if position + 1 < length and not outputs.finished():
                     if one_thread:
                         torch.set_num_threads(1)  # only around the step: the caller's code keeps its threads
                     try:
@@ -479,16 +463,9 @@ class Sampler:
                         if one_thread:
                             torch.set_num_threads(threads)
             yield from pieces
-            if all(done):
+            if outputs.finished():
                 return
-        for index, decoder in enumerate(decoders):
-            if not done[index]:
-                piece = decoder.flush()
-                if piece and stops:
-                    piece, done[index] = _cut_at_stop(tails[index], piece, stops)
-                if piece:
-                    yield index, piece
-
+        yield from outputs.flush()
 
     def _torch_step(self):
         stepper = getattr(self.model, "stepper", None)
@@ -559,6 +536,56 @@ def _count(name: str, value, least: int) -> int:
     if number is None or number < least:
         raise ConfigError(f"{name} must be an integer >= {least}, got {value!r}")
     return number
+
+
+def _draw_block(gumbel: bool, lean: bool, shape: tuple[int, int, int], temperature: float,
+                generator: torch.Generator) -> tuple:
+    """Random numbers for the next ``block`` tokens of ``samples`` over ``allowed`` ids: Gumbel noise
+    (block, samples, allowed), as numpy (block, allowed) for the lean path; or uniform draws in
+    (0, 1] (samples, block) for top-k and top-p. Returns (noise, draws), one of them None."""
+    block, samples, allowed = shape
+    if not gumbel:
+        return None, 1.0 - torch.rand(samples, block, generator=generator, device=generator.device)
+    noise = _gumbel_noise(shape, temperature, generator, generator.device)
+    return (noise.numpy()[:, 0] if lean else noise), None
+
+
+class _Outputs:
+    """Each sample's text as its tokens come: decoded into whole characters, cut at a stop string
+    (which may span pieces: the last few characters are kept to spot it), then done."""
+
+    def __init__(self, tokenizer: Tokenizer, num_samples: int, stops: list[str]) -> None:
+        self.decoders = [_TextDecoder(tokenizer) for _ in range(num_samples)]
+        self.stops, self.keep = stops, max((len(s) for s in stops), default=0)
+        self.tails = [""] * num_samples
+        self.done = [False] * num_samples
+
+    def push(self, tokens) -> list[tuple[int, str]]:
+        """(sample index, text) for one new token of every sample."""
+        pieces = []
+        for index, token in enumerate(tokens):
+            if self.done[index]:
+                continue
+            piece = self.decoders[index].push(token)
+            if self.stops and piece:
+                piece, self.done[index] = _cut_at_stop(self.tails[index], piece, self.stops)
+                self.tails[index] = (self.tails[index] + piece)[-self.keep:]
+            if piece:
+                pieces.append((index, piece))
+        return pieces
+
+    def finished(self) -> bool:
+        return all(self.done)
+
+    def flush(self) -> Iterator[tuple[int, str]]:
+        """What the decoders still hold at the end (an incomplete character)."""
+        for index, decoder in enumerate(self.decoders):
+            if not self.done[index]:
+                piece = decoder.flush()
+                if piece and self.stops:
+                    piece, self.done[index] = _cut_at_stop(self.tails[index], piece, self.stops)
+                if piece:
+                    yield index, piece
 
 
 def _cut_at_stop(tail: str, piece: str, stops: list[str]) -> tuple[str, bool]:

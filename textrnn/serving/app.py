@@ -91,8 +91,6 @@ def create_app(samplers: dict[str, Sampler], limits: Limits | None = None, api_k
     limits = limits or Limits()
     slots = Slots(limits.max_streams)
     batchers = {name: Batcher(sampler, slots, threads) for name, sampler in samplers.items()}
-    static = {name: (resources.files(__package__) / "static" / name).read_bytes()
-              for name in ("index.html", "playground.css", "playground.js")}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -114,14 +112,7 @@ def create_app(samplers: dict[str, Sampler], limits: Limits | None = None, api_k
             batcher.request_stop()
 
     app.state.close = close
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(_error_body(exc.message, exc.param, exc.kind), status_code=exc.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(_error_body(str(exc.detail), None, "invalid_request_error"), status_code=exc.status_code)
+    _add_error_handlers(app)
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -159,15 +150,8 @@ def create_app(samplers: dict[str, Sampler], limits: Limits | None = None, api_k
         except Busy as exc:
             raise ApiError(429, f"too many concurrent streams: {exc}; try again later", None,
                            "rate_limit_error") from None
-        loop = asyncio.get_running_loop()
         outbox: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        streams = []
-        for index in range(count):
-            seed = None if body.seed is None else (body.seed + index) % 2**63
-            settings = Settings(body.max_tokens, body.temperature, body.top_k, body.top_p, body.repetition_penalty,
-                                seed, stops)
-            streams.append(Stream(encoded[index // body.n], settings, loop, outbox, index, chunk_seconds))
+        streams = _streams(body, encoded, outbox, chunk_seconds)
         for stream in streams:
             batchers[name].submit(stream)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -178,19 +162,51 @@ def create_app(samplers: dict[str, Sampler], limits: Limits | None = None, api_k
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return await _collect(request, head, streams, outbox, prompt_tokens)
 
-    @app.get("/", include_in_schema=False)
-    def playground() -> Response:
-        return _static(static["index.html"], "text/html; charset=utf-8")
-
-    @app.get("/playground.css", include_in_schema=False)
-    def playground_css() -> Response:
-        return _static(static["playground.css"], "text/css; charset=utf-8")
-
-    @app.get("/playground.js", include_in_schema=False)
-    def playground_js() -> Response:
-        return _static(static["playground.js"], "text/javascript; charset=utf-8")
-
+    _add_playground(app)
     return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Errors in OpenAI's shape: ours (ApiError) and Starlette's own (404, 405)."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(_error_body(exc.message, exc.param, exc.kind), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(_error_body(str(exc.detail), None, "invalid_request_error"), status_code=exc.status_code)
+
+
+def _add_playground(app: FastAPI) -> None:
+    """The playground's three static files, read once."""
+    files = {"/": ("index.html", "text/html"), "/playground.css": ("playground.css", "text/css"),
+             "/playground.js": ("playground.js", "text/javascript")}
+    for route, (name, kind) in files.items():
+        body = (resources.files(__package__) / "static" / name).read_bytes()
+        app.add_api_route(route, _static_route(body, f"{kind}; charset=utf-8"), methods=["GET"],
+                          include_in_schema=False, name=name)
+
+
+def _static_route(body: bytes, media_type: str):
+    def route() -> Response:
+        return _static(body, media_type)
+    return route
+
+
+def _streams(body: "CompletionRequest", encoded: list[list[int]], outbox: asyncio.Queue,
+             chunk_seconds: float) -> list[Stream]:
+    """One stream per prompt and choice (``n``), in OpenAI's order: prompt 0's choices first.
+    A seed gives choice ``i`` the seed + i, so that the choices differ and each can be replayed."""
+    loop = asyncio.get_running_loop()
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    streams = []
+    for index in range(len(encoded) * body.n):
+        seed = None if body.seed is None else (body.seed + index) % 2**63
+        settings = Settings(body.max_tokens, body.temperature, body.top_k, body.top_p, body.repetition_penalty,
+                            seed, stops)
+        streams.append(Stream(encoded[index // body.n], settings, loop, outbox, index, chunk_seconds))
+    return streams
 
 
 # ---------------------------------------------------------------- request checks
