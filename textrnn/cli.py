@@ -498,10 +498,11 @@ def evaluate(
     errors: Annotated[Errors, typer.Option(help="Invalid UTF-8: strict or replace.")] = Errors.strict,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Also score it with dynamic evaluation: a copy of the "
                                           "weights adapts to the text as it is read (see README).")] = False,
-    lr: Annotated[Optional[float], typer.Option(help="--dynamic: step size, in RMS gradients of the training "
-                                                     "split [default: 0.003].", show_default=False)] = None,
-    decay: Annotated[Optional[float], typer.Option(help="--dynamic: pull back toward the trained weights per "
-                                                        "segment [default: 0.01].", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="--dynamic: step size (a weight moves by lr x its gradient / "
+                                                     "its RMS gradient in training) [default: 0.0003].",
+                                                show_default=False)] = None,
+    decay: Annotated[Optional[float], typer.Option(help="--dynamic: share of the way back to the trained weights "
+                                                        "per segment [default: 0.0005].", show_default=False)] = None,
     seq_len: Annotated[Optional[int], typer.Option(help="--dynamic: tokens per segment, one step each "
                                                         "[default: 20].", show_default=False)] = None,
 ) -> None:
