@@ -180,7 +180,7 @@ def _sampled_chunks(run, tokens: int) -> list[np.ndarray]:
     sampler = Sampler(run.model, run.tokenizer, run.device, precision="fp32", engine="torch")
     texts = sampler.generate("", length=max(2, tokens // STATISTICS_CHUNKS), temperature=1.0,
                              num_samples=STATISTICS_CHUNKS, seed=0)
-    return [scored_text(run.tokenizer, text, "sample").ids for text in texts if text]
+    return [ids for ids in map(run.tokenizer.encode_array, texts) if len(ids) >= 2]
 
 
 class Adapter:
