@@ -416,6 +416,9 @@ def generate(
     interactive: Annotated[bool, typer.Option(
         "--interactive", "-i", help="Prompt loop: type a prompt, get one sample (not with --prompt, "
                                     "--prompt-file or --num-samples).")] = False,
+    adapt: Annotated[Optional[Path], typer.Option(
+        help="Adapt a copy of the weights to this text file first (dynamic evaluation's update), so that "
+             "samples follow its style; the run's files never change.")] = None,
 ) -> None:
     """Generate text from a trained run, streamed to stdout.
 
@@ -439,6 +442,10 @@ def generate(
     _run(_check_sampling_args, temperature, top_k, top_p, repetition_penalty)
     text = _run(_read_prompt, prompt, prompt_file)
     sampler = _run(Sampler.from_checkpoint, run_dir, device.value, precision.value, engine.value, weights.value)
+    if adapt is not None:
+        from .dynamic import adapt_to_file
+
+        sampler = _run(adapt_to_file, sampler, adapt, run_dir)
     try:
         sampler.encode_prompt(text, unknown.value)
     except UnknownCharactersError as exc:
@@ -515,19 +522,54 @@ def evaluate(
     file: Annotated[Path, typer.Argument(help="Text file to score.", show_default=False)],
     device: Annotated[Device, typer.Option(help="Device.")] = Device.auto,
     errors: Annotated[Errors, typer.Option(help="Invalid UTF-8: strict or replace.")] = Errors.strict,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Also score it with dynamic evaluation: a copy of the "
+                                          "weights adapts to the text as it is read (see README).")] = False,
+    lr: Annotated[Optional[float], typer.Option(help="--dynamic: step size (a weight moves by lr x its gradient / "
+                                                     "its RMS gradient in training) [default: 0.0003].",
+                                                show_default=False)] = None,
+    decay: Annotated[Optional[float], typer.Option(help="--dynamic: share of the way back to the trained weights "
+                                                        "per segment [default: 0.0005].", show_default=False)] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="--dynamic: tokens per segment, one step each "
+                                                        "[default: 20].", show_default=False)] = None,
 ) -> None:
     """Loss per token, bits per character and perplexity of a text file under a run's best weights.
 
     Characters outside a char model's vocabulary are read as its unknown id (the state runs on)
-    but not scored; their count is reported.
+    but not scored; their count is reported. With --dynamic, the static and dynamic numbers side by
+    side; the run's files never change.
     """
     from .evaluation import evaluate_file
 
-    result = _run(evaluate_file, run_dir, file, device=device.value, errors=errors.value, progress=sys.stderr.isatty())
+    progress = sys.stderr.isatty()
+    settings = {k: v for k, v in (("lr", lr), ("decay", decay), ("seq_len", seq_len)) if v is not None}
+    if dynamic:
+        _evaluate_dynamic(run_dir, file, settings, device.value, errors.value, progress)
+        return
+    if settings:
+        _fail(f"{', '.join('--' + k.replace('_', '-') for k in settings)}: only with --dynamic")
+    result = _run(evaluate_file, run_dir, file, device=device.value, errors=errors.value, progress=progress)
     print(f"{file}: loss {result.loss:.4f} nats/token, {result.bpc:.4f} bits/char, perplexity "
           f"{result.perplexity:.3f} ({result.tokens:,} tokens scored)")
     if result.unknown:
         print(f"{file}: {result.unknown:,} character(s) outside the vocabulary were not scored", file=sys.stderr)
+
+
+def _evaluate_dynamic(run_dir: Path, file: Path, settings: dict, device: str, errors: str, progress: bool) -> None:
+    from .dynamic import DynamicConfig, evaluate_dynamic
+
+    config = _run(DynamicConfig, **settings)
+    result = _run(evaluate_dynamic, run_dir, file, config, device=device, errors=errors, progress=progress)
+    for name, row in (("static ", result.static), ("dynamic", result.dynamic)):
+        print(f"{file}: {name} loss {row.loss:.4f} nats/token, {row.bpc:.4f} bits/char, perplexity {row.perplexity:.3f}")
+    gain = result.static.loss - result.dynamic.loss
+    seconds = result.seconds
+    print(f"{file}: dynamic {abs(gain):.4f} nats/token {'lower' if gain >= 0 else 'higher'} "
+          f"({result.dynamic.tokens:,} tokens scored; lr "
+          f"{config.lr:g}, decay {config.decay:g}, {config.seq_len}-token segments; gradient statistics on "
+          f"{result.statistics}; {seconds['static']:.1f} s static, {seconds['statistics']:.1f} s statistics, "
+          f"{seconds['dynamic']:.1f} s dynamic)")
+    if result.static.unknown:
+        print(f"{file}: {result.static.unknown:,} character(s) outside the vocabulary were not scored", file=sys.stderr)
 
 
 @app.command()

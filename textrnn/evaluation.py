@@ -1,8 +1,8 @@
 """Loss, bits per character and perplexity of token ids or a text file under a model.
 
-The split is run as contiguous streams with the hidden state carried from window to window,
-every token scored exactly once; under DDP each rank scores its share of the streams and the
-sums are all-reduced. Training calls ``evaluate_ids``; ``textrnn evaluate`` calls ``evaluate_file``.
+Contiguous streams, the state carried from window to window, every token scored once (under DDP
+each rank scores its share, the sums all-reduced). Training calls ``evaluate_ids``, ``textrnn
+evaluate`` ``evaluate_file``; dynamic evaluation, which adapts the weights, is ``dynamic.py``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,18 +44,12 @@ def evaluate_ids(model: torch.nn.Module, ids: np.ndarray, *, seq_len: int, strea
     model.eval()
     total_streams = max(1, min(streams, max(len(ids) - 1, 1)))
     owned = range(rank, total_streams, world_size)
-    targets = np.asarray(ids)
-    if mask is not None:
-        targets = np.where(mask, ids, -100)
     # the sums are float64, so no window's loss is rounded away; MPS has no float64: they stay on the CPU
     sums_device = torch.device("cpu") if device.type == "mps" else device
     total = torch.zeros(2, dtype=torch.float64, device=sums_device)
     state = None
     # windows are made as they are used, never all at once: a split may be larger than memory
-    windows = eval_windows(ids, seq_len, total_streams, owned) if len(owned) else iter(())
-    if mask is not None and len(owned):
-        scored = eval_windows(targets, seq_len, total_streams, owned)
-        windows = ((x, np.where(ys >= 0, y, -100)) for (x, y), (_, ys) in zip(windows, scored))
+    windows = masked_windows(ids, mask, seq_len, total_streams, owned) if len(owned) else iter(())
     bar = None
     if progress:
         from tqdm import tqdm
@@ -84,6 +79,16 @@ def evaluate_ids(model: torch.nn.Module, ids: np.ndarray, *, seq_len: int, strea
     return float(total[0]), int(total[1])
 
 
+def masked_windows(ids: np.ndarray, mask: np.ndarray | None, seq_len: int, streams: int,
+                   owned: range | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``eval_windows`` whose targets are -100 (not scored) wherever ``mask`` is False."""
+    windows = eval_windows(ids, seq_len, streams, owned)
+    if mask is None:
+        return windows
+    scored = eval_windows(np.where(mask, ids, -100), seq_len, streams, owned)
+    return ((x, np.where(ys >= 0, y, -100)) for (x, y), (_, ys) in zip(windows, scored))
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     inner = getattr(model, "module", model)  # DistributedDataParallel
     return getattr(inner, "_orig_mod", inner)  # torch.compile
@@ -97,22 +102,30 @@ def summarize(loss_sum: float, tokens: int, chars_per_token: float, unknown: int
                       chars=round(tokens * chars_per_token), unknown=unknown)
 
 
-def evaluate_file(run_dir: str | os.PathLike, file: str | os.PathLike, *, device: str = "auto",
-                  errors: str = "strict", progress: bool = False) -> EvalResult:
-    """Score a whole text file under the best weights of a run, statefully.
+@dataclass
+class ScoredText:
+    """A text file as a run scores it: token ids, which targets count, and characters per token."""
+
+    ids: np.ndarray
+    mask: np.ndarray | None  # True = scored; None when every token is
+    unknown: int  # characters outside a char vocabulary: fed as the unknown id, not scored
+    chars_per_token: float
+
+
+def read_scored_text(run, file: str | os.PathLike, errors: str = "strict") -> ScoredText:
+    """Read and encode ``file`` for scoring under ``run`` (see ``scored_text``)."""
+    path = Path(file)
+    return scored_text(run.tokenizer, "".join(read_chunks(path, errors=errors)), str(path))
+
+
+def scored_text(tok, text: str, name: str, purpose: str = "evaluate") -> ScoredText:
+    """Encode ``text`` for scoring; InputError naming ``name`` (and ``purpose``) if it has under two tokens.
 
     Characters a ``char`` tokenizer has never seen are fed to the model as its unknown id, so
-    the state runs on, but they are not scored: they are counted in ``unknown`` and left out of
-    both the loss and the character count of bits per character.
+    the state runs on, but they are not scored: left out of the loss and of bits per character.
     """
-    from .checkpoint import load_run
-
-    run = load_run(run_dir, resolve_device(device))
-    path = Path(file)
-    text = "".join(read_chunks(path, errors=errors))
     if not text:
-        raise InputError(f"{path}: empty file, nothing to evaluate")
-    tok = run.tokenizer
+        raise InputError(f"{name}: empty file, nothing to {purpose}")
     unknown = 0
     mask = None
     if tok.kind == "char":
@@ -122,9 +135,14 @@ def evaluate_file(run_dir: str | os.PathLike, file: str | os.PathLike, *, device
     else:
         ids = tok.encode_array(text)
     if len(ids) < 2:
-        raise InputError(f"{path}: too short to evaluate (needs at least two tokens)")
+        raise InputError(f"{name}: too short to {purpose} (needs at least two tokens)")
+    return ScoredText(ids, mask, unknown, (len(text) - unknown) / max(len(ids) - unknown, 1))
+
+
+def evaluate_text(run, scored: ScoredText, progress: bool = False) -> EvalResult:
+    """Score a text under a loaded run as its trainer evaluated: its streams, window and precision."""
     train = run.config["train"]
-    # as the trainer evaluated: its streams (all processes') and its precision, where this device has it
+    # the trainer's streams (all processes') and its precision, where this device has it
     evaluation = run.config.get("evaluation") or {}
     streams = (evaluation.get("streams") or train.get("eval_batches")
                or train["batch_size"] * run.config.get("world_size", 1))
@@ -134,7 +152,15 @@ def evaluate_file(run_dir: str | os.PathLike, file: str | os.PathLike, *, device
             precision = resolve_precision(precision, run.device)
         except ConfigError:
             precision = "fp32"  # trained in bf16, scored here in fp32: equal to about the third decimal
-    loss_sum, scored = evaluate_ids(run.model, ids, seq_len=train["seq_len"], streams=streams, device=run.device,
-                                    precision=precision, mask=mask, progress=progress)
-    chars_per_token = (len(text) - unknown) / max(len(ids) - unknown, 1)
-    return summarize(loss_sum, scored, chars_per_token, unknown)
+    loss_sum, count = evaluate_ids(run.model, scored.ids, seq_len=train["seq_len"], streams=streams,
+                                   device=run.device, precision=precision, mask=scored.mask, progress=progress)
+    return summarize(loss_sum, count, scored.chars_per_token, scored.unknown)
+
+
+def evaluate_file(run_dir: str | os.PathLike, file: str | os.PathLike, *, device: str = "auto",
+                  errors: str = "strict", progress: bool = False) -> EvalResult:
+    """Score a whole text file under the best weights of a run, statefully (see ``read_scored_text``)."""
+    from .checkpoint import load_run
+
+    run = load_run(run_dir, resolve_device(device))
+    return evaluate_text(run, read_scored_text(run, file, errors), progress)
