@@ -11,11 +11,13 @@ from __future__ import annotations
 import codecs
 import contextlib
 import functools
+import itertools
 import math
 import numbers
 import operator
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ _GREEDY_BELOW = 1e-30  # temperatures this small are greedy (and would overflow 
 # token reads every weight, and fp16 halves the bytes, which pays once they no longer fit in the
 # caches; below it (the small preset's 0.7M) fbgemm's fp16 kernels are slower than fp32 ones
 FP16_FROM_PARAMETERS = 2_000_000
+SCORE_CHUNK = 4096  # tokens per forward pass when scoring a text
 _DRAW_BLOCK = 1024  # uniform numbers drawn per generator call: one call per token would cost more than the draw
 
 
@@ -346,6 +349,28 @@ class Sampler:
                                            repetition_penalty, unknown))
         return (piece for _, piece in pieces)
 
+    def score(self, text: str, top: int = 0, unknown: str = "error", chunk: int = SCORE_CHUNK) -> "Scores":
+        """The log-probability (nats) of every token of ``text`` under the model, read from a fresh state.
+
+        The first token has no context, so its log-probability is None (as OpenAI's API and
+        ``textrnn evaluate`` have it); token ``i`` is scored from tokens ``0..i-1``. ``top`` > 0
+        also returns that many most likely tokens at each position. The text runs as one stateful
+        forward pass, ``chunk`` tokens at a time, so long texts cost little memory.
+        """
+        top = _count("top", top, 0)
+        ids = self.encode_prompt(text, unknown)
+        logprobs: list[float | None] = [None] * min(len(ids), 1)
+        tops: list[dict[str, float] | None] = [None] * min(len(ids), 1)
+        with torch.inference_mode():
+            for log_probs in forward_log_probs(self.model, ids, self.device, chunk):  # (T, V) per chunk
+                start = len(logprobs)
+                targets = torch.tensor(ids[start:start + len(log_probs)], device=self.device)
+                log_probs = log_probs[:len(targets)]
+                logprobs.extend(log_probs.gather(1, targets[:, None]).squeeze(1).tolist())
+                if top:
+                    tops.extend(top_tokens(self.tokenizer, log_probs, top))
+        return Scores(ids, token_texts(self.tokenizer, ids), logprobs, tops if top else None)
+
     def _setup(self, prompt, length, temperature, top_k, top_p, seed, num_samples, stop, repetition_penalty,
                unknown) -> tuple:
         """Check every argument and encode the prompt, eagerly (before any generator starts)."""
@@ -514,6 +539,60 @@ class Sampler:
                 torch.set_num_threads(threads)
             self._auto_choice[key] = min(seconds, key=seconds.get)
         return self._auto_choice[key]
+
+
+@dataclass
+class Scores:
+    """Per-token log-probabilities of a text (``Sampler.score``): parallel lists, one entry per token.
+
+    ``text_offset[i]`` is where token ``i``'s text starts in ``"".join(tokens)``; ``top`` holds
+    the most likely tokens and their log-probabilities at each position (None for the first).
+    """
+
+    ids: list[int]
+    tokens: list[str]
+    logprobs: list[float | None]
+    top: list[dict[str, float] | None] | None = None
+
+    @property
+    def text_offset(self) -> list[int]:
+        return list(itertools.accumulate((len(t) for t in self.tokens[:-1]), initial=0)) if self.tokens else []
+
+    @property
+    def total(self) -> float:
+        """The summed log-probability of every scored token (all but the first)."""
+        return math.fsum(x for x in self.logprobs if x is not None)
+
+
+def forward_log_probs(model: torch.nn.Module, ids: Sequence[int], device: torch.device,
+                      chunk: int = SCORE_CHUNK) -> Iterator[torch.Tensor]:
+    """Log-softmax [T, V] (float32) of the next token after each of ``ids[:-1]``, ``chunk`` tokens at a
+    time, the state carried from chunk to chunk (a fresh zero state at the start)."""
+    state = None
+    for start in range(0, max(len(ids) - 1, 0), chunk):
+        x = torch.tensor([ids[start:start + chunk]], device=device)
+        logits, state = model(x, state)
+        yield torch.log_softmax(logits[0].float(), -1)
+
+
+def token_texts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
+    """Each id's own text; a byte that is not a whole character is ``bytes:\\xNN``, as OpenAI writes it."""
+    if tokenizer.kind == "byte":
+        return [chr(i) if i < 128 else f"bytes:\\x{i:02x}" for i in ids]
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def top_tokens(tokenizer: Tokenizer, log_probs: torch.Tensor, count: int) -> list[dict[str, float]]:
+    """The ``count`` most likely tokens of each row of ``log_probs`` [T, V], as {token text: logprob}."""
+    values, order = torch.topk(log_probs, min(count, log_probs.shape[-1]), dim=-1)
+    names = {}
+    rows = []
+    for vals, ids in zip(values.tolist(), order.tolist()):
+        for i in ids:
+            if i not in names:
+                names[i] = token_texts(tokenizer, [i])[0]
+        rows.append({names[i]: v for i, v in zip(ids, vals)})
+    return rows
 
 
 @functools.lru_cache(maxsize=None)
