@@ -531,6 +531,27 @@ def evaluate(
 
 
 @app.command()
+def inspect(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory.", show_default=False)],
+    file: Annotated[Path, typer.Argument(help="Text file to inspect (UTF-8).", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(help="The HTML report [default: FILE with .inspect.html].",
+                                                show_default=False)] = None,
+    state_chars: Annotated[int, typer.Option(help="Characters whose every unit's state the page holds.")] = 5000,
+    device: Annotated[Device, typer.Option(help="Device.")] = Device.auto,
+) -> None:
+    """Write one self-contained HTML page that shows what the model learned on FILE.
+
+    The text coloured by surprisal (top-5 predictions on hover), any unit's hidden or cell state,
+    a gallery of the units that best track quotes, brackets, line position, indentation and word
+    starts, bits per character by character class, and the hardest passages.
+    """
+    from .inspect import inspect_file
+
+    target, summary = _run(inspect_file, run_dir, file, out, device=device.value, state_chars=state_chars)
+    print(f"{target}: {summary['chars']:,} characters, {summary['bpc']:.4f} bits/char")
+
+
+@app.command()
 def info(
     run_dir: Annotated[Path, typer.Argument(help="Run directory.", show_default=False)],
     verify: Annotated[bool, typer.Option("--verify", help="Also check the training data against the full sha256 "
