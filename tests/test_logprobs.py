@@ -111,3 +111,17 @@ def test_the_openai_client_reads_logprobs(url, sampler):
     tokens = [t for p in parts for t in p.choices[0].logprobs.tokens]
     assert "".join(tokens) == "".join(p.choices[0].text for p in parts) and len(tokens) == 5
     assert all(len(top) == 2 for p in parts for top in p.choices[0].logprobs.top_logprobs)
+
+
+def test_stream_yields_logprobs_beside_the_same_text(sampler):
+    prompt = "to be"
+    plain = "".join(sampler.stream(prompt, length=40, temperature=0.9, seed=11))
+    items = list(sampler.stream(prompt, length=40, temperature=0.9, seed=11, logprobs=3))
+    assert "".join(piece for piece, _ in items) == plain
+    entries = [entry for _, batch in items for entry in batch]
+    scores = sampler.score(prompt + plain, top=3)
+    assert [e.token for e in entries] == scores.tokens[len(prompt):]
+    assert np.allclose([e.logprob for e in entries], scores.logprobs[len(prompt):], atol=1e-4)
+    assert all(e.top.keys() == top.keys() for e, top in zip(entries, scores.top[len(prompt):]))
+    with pytest.raises(Exception, match="logprobs"):
+        sampler.stream(prompt, logprobs=-1)

@@ -689,6 +689,7 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body (larger: 413).", min=1)] = 65536,
     max_n: Annotated[int, typer.Option(help="Most completions per prompt (n).", min=1)] = 16,
     max_streams: Annotated[int, typer.Option(help="Streams at once, all requests (more: 429).", min=1)] = 64,
+    max_logprobs: Annotated[int, typer.Option(help="Most top tokens a request may ask for (logprobs).", min=0)] = 5,
     chunk_ms: Annotated[float, typer.Option(help="Send a stream's text at most this often (ms).", min=0)] = 20,
     threads: Annotated[int, typer.Option(help="Torch threads for sampling (0: torch's default).", min=0)] = 1,
     device: Annotated[Device, typer.Option(help="Device.")] = Device.auto,
@@ -702,7 +703,7 @@ def serve(
     from .serving import serve as run_server
     from .serving.app import Limits
 
-    limits = Limits(max_tokens, max_prompt_chars, max_body_bytes, max_n, max_streams)
+    limits = Limits(max_tokens, max_prompt_chars, max_body_bytes, max_n, max_streams, max_logprobs)
     stopped_by = _run(run_server, run_dirs, host, port, api_key or None, limits, device.value, chunk_ms / 1000,
                       threads or None, log=lambda message: print(message, file=sys.stderr, flush=True))
     print("stopped", file=sys.stderr)
