@@ -97,8 +97,9 @@ def forward_states(model: torch.nn.Module, ids: list[int], chunk: int = CHUNK):
         yield torch.log_softmax(logits, -1), torch.cat(columns, -1).float()
 
 
-def _forward(model, ids: list[int], bits: list, top_ids: list, top_probs: list, states: list) -> None:
-    """Fill the lists, per chunk: surprisal (bits) of each next token, the top predictions, the states."""
+def _forward(model, ids: list[int], bits: list, top_ids: list, top_probs: list, states: np.ndarray) -> None:
+    """Fill the lists, per chunk: surprisal (bits) of each next token, the top predictions; and ``states``
+    [T, U] (float16, allocated once: a long text's states are the bulk of the memory)."""
     for log_probs, chunk_states in forward_states(model, ids):
         values, order = torch.topk(log_probs, min(TOP, log_probs.shape[-1]), -1)
         top_ids.append(order.int().numpy())
@@ -106,7 +107,7 @@ def _forward(model, ids: list[int], bits: list, top_ids: list, top_probs: list, 
         start = sum(len(b) for b in bits)
         following = torch.tensor(ids[start + 1:start + 1 + len(log_probs)])
         bits.append((-log_probs[:len(following)].gather(1, following[:, None])[:, 0] / math.log(2)).numpy())
-        states.append(chunk_states.half().numpy())  # float16: half the memory of a long text's states
+        states[start:start + len(chunk_states)] = chunk_states.half().numpy()
 
 
 def inspect_text(model: torch.nn.Module, tokenizer, text: str) -> Inspection:
@@ -117,7 +118,10 @@ def inspect_text(model: torch.nn.Module, tokenizer, text: str) -> Inspection:
     if tokenizer.kind == "byte" and not text.isascii():
         text = text.encode("ascii", "replace").decode()  # one byte per character, so positions line up
     ids = list(tokenizer.encode(text, unknown="unk")) if tokenizer.kind == "char" else list(tokenizer.encode(text))
-    bits, top_ids, top_probs, states = [], [], [], []
+    cell = model.config.cell
+    units = [(layer, kind, unit) for layer in range(model.config.num_layers)
+             for kind in (("h", "c") if cell == "lstm" else ("h",)) for unit in range(model.config.hidden_size)]
+    bits, top_ids, top_probs, states = [], [], [], np.empty((len(ids), len(units)), np.float16)
     threads = torch.get_num_threads()
     # batch 1, one token after another: as a sampling stream, on one thread (a second one gains
     # little, and every tiny op waits long for it when another process holds its core)
@@ -130,12 +134,9 @@ def inspect_text(model: torch.nn.Module, tokenizer, text: str) -> Inspection:
     # predictions before character t are those made after t - 1: shift by one (none before the first)
     top_ids = np.concatenate([np.full((1, TOP), -1, np.int32)] + top_ids)[:len(ids)]
     top_probs = np.concatenate([np.zeros((1, TOP), np.float32)] + top_probs)[:len(ids)]
-    cell = model.config.cell
-    units = [(layer, kind, unit) for layer in range(model.config.num_layers)
-             for kind in (("h", "c") if cell == "lstm" else ("h",)) for unit in range(model.config.hidden_size)]
     vocab = [tokenizer.decode([i]) if tokenizer.kind == "char" else chr(i) if i < 128 else "\ufffd"
              for i in range(tokenizer.vocab_size)]
-    result = Inspection(text, scored.astype(np.float32), top_ids, top_probs, np.concatenate(states), units, vocab)
+    result = Inspection(text, scored.astype(np.float32), top_ids, top_probs, states, units, vocab)
     result.gallery = find_feature_units(text, result.states, units)
     return result
 
