@@ -14,7 +14,7 @@ import torch
 from conftest import invoke
 
 from textrnn.config import ModelConfig, TrainConfig
-from textrnn.inspect import features, find_feature_units, forward_states, inspect_text, report_html
+from textrnn.inspect import features, forward_states, inspect_text, report_html
 from textrnn.model import RNNLanguageModel
 from textrnn.sampling import Sampler
 from textrnn.tokenizers import CharTokenizer
