@@ -125,3 +125,23 @@ def test_the_command_writes_a_report_and_refuses_bad_input(tmp_path):
                         ((tmp_path / "sample.txt", "--state-chars", "0"), "--state-chars")]:
         bad = invoke("inspect", run_dir, *args)
         assert bad.code == 2 and words in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_characters_outside_the_vocabulary_are_not_scored_as_in_evaluate(tmp_path):
+    """evaluate feeds them as the unknown id and leaves them out of the score; so does inspect
+    (compared on one stream: evaluate_file splits a text into several, each from a zero state)."""
+    from serve_helpers import make_run
+
+    from textrnn.checkpoint import load_run
+    from textrnn.evaluation import evaluate_ids
+    from textrnn.inspect import inspect_file
+
+    run_dir = make_run(tmp_path)
+    text = "to be \u20ac or not to be\n"
+    (tmp_path / "odd.txt").write_text(text)
+    _, summary = inspect_file(run_dir, tmp_path / "odd.txt", tmp_path / "odd.html", device="cpu")
+    run = load_run(run_dir, torch.device("cpu"))
+    ids = run.tokenizer.encode_array(text, unknown="unk")
+    loss, count = evaluate_ids(run.model, ids, seq_len=8, streams=1, device=run.device,
+                               mask=ids != run.tokenizer.unk_id)
+    assert count == len(text) - 2 and abs(summary["bpc"] - loss / count / math.log(2)) < 1e-4

@@ -38,7 +38,7 @@ class Inspection:
     """The arrays behind a report, one row per character of ``text`` (a char or byte model)."""
 
     text: str
-    bits: np.ndarray  # (T,) float32 surprisal of each character in bits (0 for the first: not scored)
+    bits: np.ndarray  # (T,) float32 surprisal of each character in bits (0 for the first, NaN outside the vocabulary)
     top_ids: np.ndarray  # (T, TOP) int32: the most likely next tokens before each character
     top_probs: np.ndarray  # (T, TOP) float32 their probabilities
     states: np.ndarray  # (T, U) float16 every unit after each character: per layer h then (LSTM) c
@@ -131,6 +131,8 @@ def inspect_text(model: torch.nn.Module, tokenizer, text: str) -> Inspection:
     finally:
         torch.set_num_threads(threads)
     scored = np.concatenate([np.zeros(1, np.float32)] + bits)[:len(ids)]  # the first character is not scored
+    if tokenizer.kind == "char":  # nor, as in `textrnn evaluate`, characters outside the vocabulary
+        scored[np.asarray(ids) == tokenizer.unk_id] = np.nan
     # predictions before character t are those made after t - 1: shift by one (none before the first)
     top_ids = np.concatenate([np.full((1, TOP), -1, np.int32)] + top_ids)[:len(ids)]
     top_probs = np.concatenate([np.zeros((1, TOP), np.float32)] + top_probs)[:len(ids)]
@@ -216,7 +218,7 @@ def _sample_start(values: np.ndarray, n: int) -> int:
 def summary(text: str, bits: np.ndarray, passages: int = 5, width: int = 80) -> dict:
     """Bits per character overall and by class, and the hardest passages (highest mean surprisal)."""
     chars = np.array(list(text)) if text else np.array([], dtype="<U1")
-    scored = np.arange(len(text)) > 0
+    scored = (np.arange(len(text)) > 0) & ~np.isnan(bits)  # NaN: outside the vocabulary
     classes = {"letters": np.char.isalpha(chars), "spaces": chars == " ", "newlines": chars == "\n",
                "digits": np.char.isdigit(chars)}
     classes["punctuation"] = ~(classes["letters"] | classes["spaces"] | classes["newlines"] | classes["digits"]
@@ -225,14 +227,14 @@ def summary(text: str, bits: np.ndarray, passages: int = 5, width: int = 80) -> 
                 for name, mask in classes.items() if (mask & scored).any()}
     hardest = []
     if len(text) > width:
-        means = np.convolve(bits, np.ones(width) / width, mode="valid")
+        means = np.convolve(np.nan_to_num(bits), np.ones(width) / width, mode="valid")
         for _ in range(passages):
             at = int(means.argmax())
             if means[at] == -np.inf:
                 break
             hardest.append({"start": at, "bpc": float(means[at]), "text": text[at:at + width]})
             means[max(0, at - width):at + width] = -np.inf
-    return {"bpc": float(bits[1:].mean()) if len(bits) > 1 else 0.0, "chars": len(text),
+    return {"bpc": float(bits[scored].mean()) if scored.any() else 0.0, "chars": len(text),
             "classes": by_class, "hardest": hardest}
 
 
