@@ -125,3 +125,14 @@ def test_stream_yields_logprobs_beside_the_same_text(sampler):
     assert all(e.top.keys() == top.keys() for e, top in zip(entries, scores.top[len(prompt):]))
     with pytest.raises(Exception, match="logprobs"):
         sampler.stream(prompt, logprobs=-1)
+
+
+def test_scoring_streamed_is_one_chunk_per_choice(url, sampler):
+    request = {"prompt": [TEXT, "to be"], "max_tokens": 0, "echo": True, "logprobs": 1, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=request, timeout=30) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    choices = [json.loads(line[6:])["choices"][0] for line in lines[:-1]]
+    assert [c["text"] for c in choices] == [TEXT, "to be"] and {c["finish_reason"] for c in choices} == {"length"}
+    assert choices[1]["logprobs"]["tokens"] == list("to be")
+    assert np.allclose(choices[1]["logprobs"]["token_logprobs"][1:], sampler.score("to be").logprobs[1:], atol=1e-6)
