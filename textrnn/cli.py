@@ -573,6 +573,27 @@ def _evaluate_dynamic(run_dir: Path, file: Path, settings: dict, device: str, er
 
 
 @app.command()
+def inspect(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory.", show_default=False)],
+    file: Annotated[Path, typer.Argument(help="Text file to inspect (UTF-8).", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(help="The HTML report [default: FILE with .inspect.html].",
+                                                show_default=False)] = None,
+    state_chars: Annotated[int, typer.Option(help="Characters whose every unit's state the page holds.")] = 5000,
+    device: Annotated[Device, typer.Option(help="Device.")] = Device.auto,
+) -> None:
+    """Write one self-contained HTML page that shows what the model learned on FILE.
+
+    The text coloured by surprisal (top-5 predictions on hover), any unit's hidden or cell state,
+    a gallery of the units that best track quotes, brackets, line position, indentation and word
+    starts, bits per character by character class, and the hardest passages.
+    """
+    from .inspect import inspect_file
+
+    target, summary = _run(inspect_file, run_dir, file, out, device=device.value, state_chars=state_chars)
+    print(f"{target}: {summary['chars']:,} characters, {summary['bpc']:.4f} bits/char")
+
+
+@app.command()
 def info(
     run_dir: Annotated[Path, typer.Argument(help="Run directory.", show_default=False)],
     verify: Annotated[bool, typer.Option("--verify", help="Also check the training data against the full sha256 "
@@ -710,6 +731,7 @@ def serve(
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body (larger: 413).", min=1)] = 65536,
     max_n: Annotated[int, typer.Option(help="Most completions per prompt (n).", min=1)] = 16,
     max_streams: Annotated[int, typer.Option(help="Streams at once, all requests (more: 429).", min=1)] = 64,
+    max_logprobs: Annotated[int, typer.Option(help="Most top tokens a request may ask for (logprobs).", min=0)] = 5,
     chunk_ms: Annotated[float, typer.Option(help="Send a stream's text at most this often (ms).", min=0)] = 20,
     threads: Annotated[int, typer.Option(help="Torch threads for sampling (0: torch's default).", min=0)] = 1,
     device: Annotated[Device, typer.Option(help="Device.")] = Device.auto,
@@ -723,7 +745,7 @@ def serve(
     from .serving import serve as run_server
     from .serving.app import Limits
 
-    limits = Limits(max_tokens, max_prompt_chars, max_body_bytes, max_n, max_streams)
+    limits = Limits(max_tokens, max_prompt_chars, max_body_bytes, max_n, max_streams, max_logprobs)
     stopped_by = _run(run_server, run_dirs, host, port, api_key or None, limits, device.value, chunk_ms / 1000,
                       threads or None, log=lambda message: print(message, file=sys.stderr, flush=True))
     print("stopped", file=sys.stderr)

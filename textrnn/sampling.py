@@ -11,11 +11,13 @@ from __future__ import annotations
 import codecs
 import contextlib
 import functools
+import itertools
 import math
 import numbers
 import operator
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ _GREEDY_BELOW = 1e-30  # temperatures this small are greedy (and would overflow 
 # token reads every weight, and fp16 halves the bytes, which pays once they no longer fit in the
 # caches; below it (the small preset's 0.7M) fbgemm's fp16 kernels are slower than fp32 ones
 FP16_FROM_PARAMETERS = 2_000_000
+SCORE_CHUNK = 4096  # tokens per forward pass when scoring a text
 _DRAW_BLOCK = 1024  # uniform numbers drawn per generator call: one call per token would cost more than the draw
 
 
@@ -329,22 +332,52 @@ class Sampler:
         pieces = self._pieces(*self._setup(prompt, length, temperature, top_k, top_p, seed, num_samples, stop,
                                            repetition_penalty, unknown))
         texts: list[list[str]] = [[] for _ in range(num_samples)]
-        for index, piece in pieces:
+        for index, piece, _ in pieces:
             texts[index].append(piece)
         joined = ["".join(t) for t in texts]
         return joined[0] if num_samples == 1 else joined
 
     def stream(self, prompt: str = "", length: int = 500, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, seed: int | None = None, stop: str | Sequence[str] | None = None,
-               repetition_penalty: float = 1.0, unknown: str = "error") -> Iterator[str]:
+               repetition_penalty: float = 1.0, unknown: str = "error",
+               logprobs: int | None = None) -> Iterator[str] | Iterator[tuple[str, list[Logprob]]]:
         """Yield the text of one sample piece by piece as it is made.
 
-        The arguments are checked and the prompt encoded when ``stream`` is called, so a bad
-        setting raises here, before any text is yielded.
+        With ``logprobs=N`` each item is ``(piece, [Logprob, ...])``: the log-probability (nats,
+        under the model itself, before temperature, filters and penalty) of each token whose
+        text the piece completes, with the N most likely tokens at its place. The same seed
+        gives the same text with or without it. The arguments are checked and the prompt
+        encoded when ``stream`` is called, so a bad setting raises here, before any text is yielded.
         """
+        if logprobs is not None:
+            logprobs = _count("logprobs", logprobs, 0)
         pieces = self._pieces(*self._setup(prompt, length, temperature, top_k, top_p, seed, 1, stop,
-                                           repetition_penalty, unknown))
-        return (piece for _, piece in pieces)
+                                           repetition_penalty, unknown), logprobs)
+        if logprobs is None:
+            return (piece for _, piece, _ in pieces)
+        return ((piece, entries) for _, piece, entries in pieces)
+
+    def score(self, text: str, top: int = 0, unknown: str = "error", chunk: int = SCORE_CHUNK) -> "Scores":
+        """The log-probability (nats) of every token of ``text`` under the model, read from a fresh state.
+
+        The first token has no context, so its log-probability is None (as OpenAI's API and
+        ``textrnn evaluate`` have it); token ``i`` is scored from tokens ``0..i-1``. ``top`` > 0
+        also returns that many most likely tokens at each position. The text runs as one stateful
+        forward pass, ``chunk`` tokens at a time, so long texts cost little memory.
+        """
+        top = _count("top", top, 0)
+        ids = self.encode_prompt(text, unknown)
+        logprobs: list[float | None] = [None] * min(len(ids), 1)
+        tops: list[dict[str, float] | None] = [None] * min(len(ids), 1)
+        with torch.inference_mode():
+            for log_probs in forward_log_probs(self.model, ids, self.device, chunk):  # (T, V) per chunk
+                start = len(logprobs)
+                targets = torch.tensor(ids[start:start + len(log_probs)], device=self.device)
+                log_probs = log_probs[:len(targets)]
+                logprobs.extend(log_probs.gather(1, targets[:, None]).squeeze(1).tolist())
+                if top:
+                    tops.extend(top_tokens(self.tokenizer, log_probs, top))
+        return Scores(ids, token_texts(self.tokenizer, ids), logprobs, tops if top else None)
 
     def _setup(self, prompt, length, temperature, top_k, top_p, seed, num_samples, stop, repetition_penalty,
                unknown) -> tuple:
@@ -389,83 +422,104 @@ class Sampler:
         return logits, state
 
     def _pieces(self, ids, length, temperature, top_k, top_p, seed, num_samples, stops,
-                repetition_penalty) -> Iterator[tuple[int, str]]:
-        """Yield (sample index, text piece) as tokens are made; arguments already checked."""
+                repetition_penalty, logprobs=None) -> Iterator[tuple[int, str, list[Logprob]]]:
+        """Yield (sample index, text piece, the log-probabilities of its tokens) as tokens are made;
+        arguments already checked. The list is empty unless ``logprobs`` (top tokens per place) is given."""
         if length == 0:
             return
-        device = self.device
-        generator = torch.Generator(device=device)
+        plan = self._plan(temperature, top_k, top_p, seed, num_samples, repetition_penalty, logprobs)
+        outputs = _Outputs(self.tokenizer, num_samples, stops)
+        draws = noise = seen = None
+        held: list[Logprob] = []  # log-probabilities of tokens whose text is not out yet
+        with torch.inference_mode():
+            logits, state = self._first_logits(ids, num_samples)
+            if repetition_penalty != 1.0:
+                seen = torch.zeros(num_samples, self.tokenizer.vocab_size, dtype=torch.bool, device=self.device)
+                if ids:
+                    seen[:, torch.tensor(ids, device=self.device)] = True
+            step = self._call_step(num_samples, state)  # the weights as they are now, for the whole sample
+            if plan.lean:
+                ids_buffer = np.zeros(1, np.int64)  # the step reads the id written here
+                onnx = self.engine_used == "onnxruntime"  # its steps take and give numpy arrays
+                next_ids = ids_buffer if onnx else torch.from_numpy(ids_buffer)
+                logits_tensor, row = None, None
+        for position in range(length):
+            column = position % plan.block
+            # torch ops run in inference mode, entered per token and never held across a yield:
+            # the caller's own code between pieces must run in its own autograd mode
+            with contextlib.nullcontext() if plan.lean and onnx and column else torch.inference_mode():
+                if not plan.greedy and column == 0:
+                    noise, draws = _draw_block(plan.gumbel, plan.lean, (plan.block, num_samples, plan.allowed),
+                                               temperature, plan.generator)
+                if plan.lean:
+                    if logits is not logits_tensor:  # onnxruntime's logits are one buffer, rewritten each step
+                        logits_tensor, row = logits, logits.numpy()[0, :plan.allowed]
+                    # argmax(logits / T + Gumbel) is a draw from softmax(logits / T); the same pick as _sample's
+                    ids_buffer[0] = token = int(row.argmax() if plan.greedy else (row + noise[column]).argmax())
+                    tokens = (token,)
+                else:
+                    raw = logits
+                    logits = logits[:, :plan.allowed]
+                    if seen is not None:
+                        logits = _penalize(logits, seen[:, :plan.allowed], repetition_penalty)
+                    next_ids = _sample(logits, temperature, top_k, top_p, plan.generator,
+                                       None if draws is None else draws[:, column:column + 1],
+                                       None if noise is None else noise[column])  # (B,)
+                    if seen is not None:
+                        seen.scatter_(1, next_ids[:, None], True)
+                    tokens = next_ids.tolist()
+                    if logprobs is not None:
+                        held.append(_logprob(self.tokenizer, raw[0], tokens[0], logprobs))
+                pieces = outputs.push(tokens)
+                # the next token's logits, before this one's text is handed out (one inference-mode entry per token)
+                if position + 1 < length and not outputs.finished():
+                    logits, state = step(next_ids, state)
+            for index, piece in pieces:
+                yield index, piece, held
+                held = []
+            if outputs.finished():
+                return
+        for index, piece in outputs.flush():
+            yield index, piece, held
+
+    def _plan(self, temperature, top_k, top_p, seed, num_samples, repetition_penalty, logprobs) -> "_Plan":
+        """How one call draws: its generator, the ids it may pick, its blocks of random numbers, its path."""
+        generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
         vocab = self.tokenizer.vocab_size
         # never generate a char model's unknown id: it is the last one, so sample over the others
         unk = getattr(self.tokenizer, "unk_id", None)
         allowed = vocab - 1 if unk == vocab - 1 else vocab
-        outputs = _Outputs(self.tokenizer, num_samples, stops)
-        threads = torch.get_num_threads()
         greedy = temperature < _GREEDY_BELOW
         # Random numbers for a block of tokens come from one call: per token, a call costs more
         # than the draw. Unfiltered sampling takes Gumbel noise (two ops per token); top-k and
         # top-p take one uniform number per sample for the inverse CDF.
         gumbel = (top_k == 0 or top_k >= allowed) and top_p >= 1.0
         block = max(1, min(_DRAW_BLOCK, (1 << 20) // (num_samples * allowed))) if gumbel else _DRAW_BLOCK
-        # One CPU stream, unfiltered or greedy, without a penalty (what `generate` does by
-        # default): the pick is two numpy calls on views of the logits and the noise, and the id
-        # goes to the step through a buffer, so a token costs little beyond its step.
-        lean = device.type == "cpu" and num_samples == 1 and (gumbel or greedy) and repetition_penalty == 1.0
-        draws = noise = seen = None
-        with torch.inference_mode():
-            logits, state = self._first_logits(ids, num_samples)
-            if repetition_penalty != 1.0:
-                seen = torch.zeros(num_samples, vocab, dtype=torch.bool, device=device)
-                if ids:
-                    seen[:, torch.tensor(ids, device=device)] = True
-            # the weights as they are now, for the whole sample (skips a check per token)
-            step = self._step_function(num_samples, state)
-            # One torch stream on a CPU steps on one thread: a matrix-vector product gains little from
-            # a second one, and stalls on it for a long time when another process keeps that core busy.
-            one_thread = device.type == "cpu" and num_samples == 1 and threads > 1 and self.engine_used == "torch"
-            if lean:
-                ids_buffer = np.zeros(1, np.int64)  # the step reads the id written here
-                onnx = self.engine_used == "onnxruntime"  # its steps take and give numpy arrays
-                next_ids = ids_buffer if onnx else torch.from_numpy(ids_buffer)
-                logits_tensor, row = None, None
-        for position in range(length):
-            column = position % block
-            # torch ops run in inference mode, entered per token and never held across a yield:
-            # the caller's own code between pieces must run in its own autograd mode
-            with contextlib.nullcontext() if lean and onnx and column else torch.inference_mode():
-                if not greedy and column == 0:
-                    noise, draws = _draw_block(gumbel, lean, (block, num_samples, allowed), temperature, generator)
-                if lean:
-                    if logits is not logits_tensor:  # onnxruntime's logits are one buffer, rewritten each step
-                        logits_tensor, row = logits, logits.numpy()[0, :allowed]
-                    # argmax(logits / T + Gumbel) is a draw from softmax(logits / T); the same pick as _sample's
-                    ids_buffer[0] = token = int(row.argmax() if greedy else (row + noise[column]).argmax())
-                    tokens = (token,)
-                else:
-                    logits = logits[:, :allowed]
-                    if seen is not None:
-                        logits = _penalize(logits, seen[:, :allowed], repetition_penalty)
-                    next_ids = _sample(logits, temperature, top_k, top_p, generator,
-                                       None if draws is None else draws[:, column:column + 1],
-                                       None if noise is None else noise[column])  # (B,)
-                    if seen is not None:
-                        seen.scatter_(1, next_ids[:, None], True)
-                    tokens = next_ids.tolist()
-                pieces = outputs.push(tokens)
-                # the next token's logits, before this one's text is handed out (one inference-mode entry per token)
-                if position + 1 < length and not outputs.finished():
-                    if one_thread:
-                        torch.set_num_threads(1)  # only around the step: the caller's code keeps its threads
-                    try:
-                        logits, state = step(next_ids, state)
-                    finally:
-                        if one_thread:
-                            torch.set_num_threads(threads)
-            yield from pieces
-            if outputs.finished():
-                return
-        yield from outputs.flush()
+        # One CPU stream, unfiltered or greedy, without a penalty or log-probabilities (what
+        # `generate` does by default): the pick is two numpy calls on views of the logits and the
+        # noise, and the id goes to the step through a buffer, so a token costs little beyond its step.
+        lean = (self.device.type == "cpu" and num_samples == 1 and (gumbel or greedy) and repetition_penalty == 1.0
+                and logprobs is None)
+        return _Plan(generator, allowed, greedy, gumbel, block, lean)
+
+    def _call_step(self, num_samples: int, state: tuple):
+        """The engine's step for this call. One torch stream on a CPU steps on one thread: a
+        matrix-vector product gains little from a second one, and stalls on it for a long time
+        when another process keeps that core busy (set only around the step: the caller's code
+        keeps its threads)."""
+        step = self._step_function(num_samples, state)
+        threads = torch.get_num_threads()
+        if not (self.device.type == "cpu" and num_samples == 1 and threads > 1 and self.engine_used == "torch"):
+            return step
+
+        def one_thread_step(ids, state):
+            torch.set_num_threads(1)
+            try:
+                return step(ids, state)
+            finally:
+                torch.set_num_threads(threads)
+        return one_thread_step
 
     def _torch_step(self):
         stepper = getattr(self.model, "stepper", None)
@@ -514,6 +568,88 @@ class Sampler:
                 torch.set_num_threads(threads)
             self._auto_choice[key] = min(seconds, key=seconds.get)
         return self._auto_choice[key]
+
+
+@dataclass
+class _Plan:
+    """How one call of ``Sampler._pieces`` draws its tokens (see ``Sampler._plan``)."""
+
+    generator: torch.Generator
+    allowed: int  # ids it may pick: all but a char model's unknown id
+    greedy: bool
+    gumbel: bool  # unfiltered: Gumbel noise, not inverse-CDF draws
+    block: int  # tokens per block of random numbers
+    lean: bool  # the numpy fast path of one CPU stream
+
+
+@dataclass
+class Logprob:
+    """One sampled token: its text, its log-probability (nats) and the most likely tokens at its place."""
+
+    token: str
+    logprob: float
+    top: dict[str, float]
+
+
+def _logprob(tokenizer: Tokenizer, logits: torch.Tensor, token: int, count: int) -> Logprob:
+    """The ``Logprob`` of ``token`` under the model's own distribution ``logits`` [V]."""
+    log_probs = torch.log_softmax(logits.float(), -1)
+    top = top_tokens(tokenizer, log_probs[None], count)[0] if count else {}
+    return Logprob(token_texts(tokenizer, [token])[0], float(log_probs[token]), top)
+
+
+@dataclass
+class Scores:
+    """Per-token log-probabilities of a text (``Sampler.score``): parallel lists, one entry per token.
+
+    ``text_offset[i]`` is where token ``i``'s text starts in ``"".join(tokens)``; ``top`` holds
+    the most likely tokens and their log-probabilities at each position (None for the first).
+    """
+
+    ids: list[int]
+    tokens: list[str]
+    logprobs: list[float | None]
+    top: list[dict[str, float] | None] | None = None
+
+    @property
+    def text_offset(self) -> list[int]:
+        return list(itertools.accumulate((len(t) for t in self.tokens[:-1]), initial=0)) if self.tokens else []
+
+    @property
+    def total(self) -> float:
+        """The summed log-probability of every scored token (all but the first)."""
+        return math.fsum(x for x in self.logprobs if x is not None)
+
+
+def forward_log_probs(model: torch.nn.Module, ids: Sequence[int], device: torch.device,
+                      chunk: int = SCORE_CHUNK) -> Iterator[torch.Tensor]:
+    """Log-softmax [T, V] (float32) of the next token after each of ``ids[:-1]``, ``chunk`` tokens at a
+    time, the state carried from chunk to chunk (a fresh zero state at the start)."""
+    state = None
+    for start in range(0, max(len(ids) - 1, 0), chunk):
+        x = torch.tensor([ids[start:start + chunk]], device=device)
+        logits, state = model(x, state)
+        yield torch.log_softmax(logits[0].float(), -1)
+
+
+def token_texts(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
+    """Each id's own text; a byte that is not a whole character is ``bytes:\\xNN``, as OpenAI writes it."""
+    if tokenizer.kind == "byte":
+        return [chr(i) if i < 128 else f"bytes:\\x{i:02x}" for i in ids]
+    return [tokenizer.decode([i]) for i in ids]
+
+
+def top_tokens(tokenizer: Tokenizer, log_probs: torch.Tensor, count: int) -> list[dict[str, float]]:
+    """The ``count`` most likely tokens of each row of ``log_probs`` [T, V], as {token text: logprob}."""
+    values, order = torch.topk(log_probs, min(count, log_probs.shape[-1]), dim=-1)
+    names = {}
+    rows = []
+    for vals, ids in zip(values.tolist(), order.tolist()):
+        for i in ids:
+            if i not in names:
+                names[i] = token_texts(tokenizer, [i])[0]
+        rows.append({names[i]: v for i, v in zip(ids, vals)})
+    return rows
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,7 +29,7 @@ from ..errors import InputError
 from ..sampling import Sampler
 from .batcher import Batcher, Busy, Event, Settings, Slots, Stream
 
-NEUTRAL = {"echo": False, "logprobs": None, "best_of": 1, "suffix": None, "frequency_penalty": 0.0,
+NEUTRAL = {"best_of": 1, "suffix": None, "frequency_penalty": 0.0,
            "presence_penalty": 0.0, "logit_bias": None}  # accepted OpenAI fields, only at these values
 
 
@@ -42,6 +42,7 @@ class Limits:
     max_body_bytes: int = 65536  # request body size
     max_n: int = 16  # completions per prompt
     max_streams: int = 64  # streams sampling at once, all models and requests together; past it: 429
+    max_logprobs: int = 5  # most likely tokens per position a request may ask for (``logprobs``)
 
 
 class CompletionRequest(BaseModel):
@@ -51,7 +52,8 @@ class CompletionRequest(BaseModel):
 
     model: Optional[str] = Field(None, description="A served model's name (optional when one is served).")
     prompt: Union[str, list[str]] = Field("", description="Text to continue, or a list of them.")
-    max_tokens: int = Field(16, ge=1, description="Tokens (characters, for a char model) to generate.")
+    max_tokens: int = Field(16, ge=0, description="Tokens (characters, for a char model) to generate; "
+                            "0 with echo and logprobs scores the prompt.")
     temperature: float = Field(1.0, ge=0.0, le=100.0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass (1 = off).")
     top_k: int = Field(0, ge=0, description="Keep the k most likely tokens (0 = off). Extension.")
@@ -64,8 +66,9 @@ class CompletionRequest(BaseModel):
                                               "vocabulary: a 400 error, or skip them. Extension.")
     user: Optional[str] = None
     stream_options: Optional[dict] = None
-    echo: bool = False
-    logprobs: Optional[int] = None
+    echo: bool = Field(False, description="Return the prompt before the completion (with its logprobs).")
+    logprobs: Optional[int] = Field(None, ge=0, description="Each token's log-probability and the N most "
+                                    "likely tokens at its place (N up to the server's limit, 5 by default).")
     best_of: Optional[int] = None
     suffix: Optional[str] = None
     frequency_penalty: float = 0.0
@@ -137,33 +140,84 @@ def create_app(samplers: dict[str, Sampler], limits: Limits | None = None, api_k
         """OpenAI's completions: a JSON response, or server-sent events with ``"stream": true``."""
         if app.state.closing:
             raise ApiError(503, "the server is shutting down", None, "server_error")
-        body = _parse(await _read_body(request, limits.max_body_bytes))
-        name = _model_name(body.model, samplers)
-        sampler = samplers[name]
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        encoded = [_encode(sampler, prompt, body.unknown, limits, len(prompts) > 1, i)
-                   for i, prompt in enumerate(prompts)]
-        _check_limits(body, prompts, limits)
-        count = len(prompts) * body.n
+        return await _complete(request, samplers, batchers, slots, limits, chunk_seconds)
+
+    _add_playground(app)
+    return app
+
+
+async def _complete(request: Request, samplers: dict[str, Sampler], batchers: dict[str, Batcher], slots: Slots,
+                    limits: Limits, chunk_seconds: float) -> Response:
+    """One completions request: checked, its prompts echoed and scored if asked, its streams submitted."""
+    body = _parse(await _read_body(request, limits.max_body_bytes))
+    name = _model_name(body.model, samplers)
+    sampler = samplers[name]
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    encoded = [_encode(sampler, prompt, body.unknown, limits, len(prompts) > 1, i)
+               for i, prompt in enumerate(prompts)]
+    _check_limits(body, prompts, limits)
+    count = len(prompts) * body.n
+    echoes = await asyncio.to_thread(_echoes, body, sampler, prompts)
+    streams: list[Stream] = []
+    outbox: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+    if body.max_tokens:
         try:
             slots.acquire(count)
         except Busy as exc:
             raise ApiError(429, f"too many concurrent streams: {exc}; try again later", None,
                            "rate_limit_error") from None
-        outbox: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         streams = _streams(body, encoded, outbox, chunk_seconds)
         for stream in streams:
             batchers[name].submit(stream)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": name}
-        prompt_tokens = sum(len(encoded[i // body.n]) for i in range(count))
-        if body.stream:
-            return StreamingResponse(_events(head, streams, outbox), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _collect(request, head, streams, outbox, prompt_tokens)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": name}
+    choices = [_Choice(echoes[i // body.n], body.logprobs is not None) for i in range(count)]
+    prompt_tokens = sum(len(encoded[i // body.n]) for i in range(count))
+    if body.stream:
+        return StreamingResponse(_events(head, streams, outbox, choices), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _collect(request, head, streams, outbox, prompt_tokens, choices)
 
-    _add_playground(app)
-    return app
+
+def _echoes(body: CompletionRequest, sampler: Sampler, prompts: list[str]) -> list[tuple[str, list[tuple]]]:
+    """Per prompt, what a choice starts with: with ``echo``, the prompt and (with ``logprobs``) its
+    tokens' entries (token, logprob, top, offset), the first token's logprob None; else nothing."""
+    if not body.echo:
+        return [("", [])] * len(prompts)
+    if body.logprobs is None:
+        return [(prompt, []) for prompt in prompts]
+    echoes = []
+    for prompt in prompts:
+        scores = sampler.score(prompt, top=body.logprobs, unknown=body.unknown)
+        tops = scores.top or [{}] * len(scores.ids)
+        echoes.append((prompt, list(zip(scores.tokens, scores.logprobs, tops, scores.text_offset))))
+    return echoes
+
+
+class _Choice:
+    """One choice's text so far and its logprobs entries (token, logprob, top, offset in the choice's text)."""
+
+    def __init__(self, echo: tuple[str, list[tuple]], logprobs: bool):
+        self.echo, self.echo_entries = echo
+        self.logprobs = logprobs
+        self.sent_echo = False
+
+    def start(self) -> tuple[str, list[tuple]]:
+        """The echoed prompt and its entries, once (the first time a choice's text goes out)."""
+        if self.sent_echo:
+            return "", []
+        self.sent_echo = True
+        return self.echo, self.echo_entries
+
+    def body(self, echoed: list[tuple], entries: list[tuple]) -> dict | None:
+        """OpenAI's ``logprobs`` object for the prompt's ``echoed`` entries and the generated ``entries``
+        (whose offsets move past the echoed prompt), or None when the request asked for none."""
+        if not self.logprobs:
+            return None
+        shift = len(self.echo)
+        entries = list(echoed) + [(token, logprob, top, offset + shift) for token, logprob, top, offset in entries]
+        return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
+                "top_logprobs": [e[2] for e in entries], "text_offset": [e[3] for e in entries]}
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -204,7 +258,7 @@ def _streams(body: "CompletionRequest", encoded: list[list[int]], outbox: asynci
     for index in range(len(encoded) * body.n):
         seed = None if body.seed is None else (body.seed + index) % 2**63
         settings = Settings(body.max_tokens, body.temperature, body.top_k, body.top_p, body.repetition_penalty,
-                            seed, stops)
+                            seed, stops, body.logprobs)
         streams.append(Stream(encoded[index // body.n], settings, loop, outbox, index, chunk_seconds))
     return streams
 
@@ -268,6 +322,9 @@ def _check_limits(body: CompletionRequest, prompts: list[str], limits: Limits) -
     if body.max_tokens > limits.max_tokens:
         raise ApiError(422, f"max_tokens: {body.max_tokens} is over this server's limit of {limits.max_tokens}",
                        "max_tokens")
+    if body.logprobs is not None and body.logprobs > limits.max_logprobs:
+        raise ApiError(400, f"logprobs: {body.logprobs} is over this server's limit of {limits.max_logprobs}",
+                       "logprobs")
     if body.n > limits.max_n:
         raise ApiError(422, f"n: {body.n} is over this server's limit of {limits.max_n}", "n")
     if len(prompts) * body.n > limits.max_streams:
@@ -288,18 +345,24 @@ def _encode(sampler: Sampler, prompt: str, unknown: str, limits: Limits, several
 
 # ---------------------------------------------------------------- responses
 
-def _chunk(head: dict, index: int, event: Event) -> str:
-    choice = {"text": event.text, "index": index, "logprobs": None, "finish_reason": event.finish_reason}
-    return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
+def _chunk(head: dict, index: int, event: Event, choice: "_Choice") -> str:
+    echo, echoed = choice.start()
+    body = {"text": echo + event.text, "index": index, "logprobs": choice.body(echoed, event.logprobs),
+            "finish_reason": event.finish_reason}
+    return f"data: {json.dumps({**head, 'choices': [body]})}\n\n"
 
 
-async def _events(head: dict, streams: list[Stream], outbox: asyncio.Queue) -> AsyncIterator[str]:
+async def _events(head: dict, streams: list[Stream], outbox: asyncio.Queue,
+                  choices: list[_Choice]) -> AsyncIterator[str]:
     """The SSE body: chunks as they come (all that are waiting in one write), then ``data: [DONE]``.
 
     However it ends (done, the client gone, the server stopping), every stream is cancelled, so
-    the batcher frees their rows at its next step.
+    the batcher frees their rows at its next step. Without streams (``max_tokens`` 0) each choice
+    is one chunk: its echo, if asked for.
     """
     left = len(streams)
+    if not streams:
+        yield "".join(_chunk(head, i, Event(finish_reason="length"), c) for i, c in enumerate(choices))
     try:
         while left:
             items = [await outbox.get()]
@@ -311,7 +374,7 @@ async def _events(head: dict, streams: list[Stream], outbox: asyncio.Queue) -> A
                     parts.append(f"data: {json.dumps(_error_body(event.error, None, 'server_error'))}\n\n")
                     left = 0
                     break
-                parts.append(_chunk(head, index, event))
+                parts.append(_chunk(head, index, event, choices[index]))
                 if event.finish_reason is not None:
                     left -= 1
             yield "".join(parts)
@@ -322,10 +385,11 @@ async def _events(head: dict, streams: list[Stream], outbox: asyncio.Queue) -> A
 
 
 async def _collect(request: Request, head: dict, streams: list[Stream], outbox: asyncio.Queue,
-                   prompt_tokens: int) -> Response:
+                   prompt_tokens: int, choices: list[_Choice]) -> Response:
     """The whole response; a client that leaves before it is ready cancels its streams."""
-    texts: list[list[str]] = [[] for _ in streams]
-    reasons: list[str | None] = [None] * len(streams)
+    texts: list[list[str]] = [[] for _ in choices]
+    entries: list[list[tuple]] = [[] for _ in choices]
+    reasons: list[str | None] = ["length" if not streams else None] * len(choices)
     tokens = 0
 
     async def gather() -> None:
@@ -336,6 +400,7 @@ async def _collect(request: Request, head: dict, streams: list[Stream], outbox: 
             if event.error is not None:
                 raise ApiError(503, event.error, None, "server_error")
             texts[index].append(event.text)
+            entries[index].extend(event.logprobs)
             if event.finish_reason is not None:
                 reasons[index] = event.finish_reason
                 tokens += event.tokens
@@ -356,10 +421,10 @@ async def _collect(request: Request, head: dict, streams: list[Stream], outbox: 
     if not work.done() or work.cancelled():
         return Response(status_code=499)  # nobody is there to read it
     work.result()  # raises the ApiError of a stream that ended with an error
-    choices = [{"text": "".join(t), "index": i, "logprobs": None, "finish_reason": reasons[i]}
-               for i, t in enumerate(texts)]
+    bodies = [{"text": c.echo + "".join(t), "index": i, "logprobs": c.body(c.echo_entries, entries[i]),
+               "finish_reason": reasons[i]} for i, (c, t) in enumerate(zip(choices, texts))]
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
-    return JSONResponse({**head, "choices": choices, "usage": usage})
+    return JSONResponse({**head, "choices": bodies, "usage": usage})
 
 
 def _model_card(name: str, sampler: Sampler) -> dict:

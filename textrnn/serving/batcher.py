@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..sampling import _GREEDY_BELOW, Sampler, _cut_at_stop, _make_safe, _penalize, _sample, _TextDecoder
+from ..sampling import (_GREEDY_BELOW, Sampler, _cut_at_stop, _make_safe, _penalize, _sample, _TextDecoder,
+                        token_texts, top_tokens)
 
 _DRAW_BLOCK = 256  # uniform numbers drawn from a stream's generator at once
 
@@ -37,6 +38,7 @@ class Settings:
     repetition_penalty: float = 1.0  # 1 = off
     seed: int | None = None  # None: from os.urandom
     stop: list[str] = field(default_factory=list)  # strings that end the text (not included, as OpenAI does)
+    logprobs: int | None = None  # None: none; N: each token's log-probability and the N most likely tokens
 
 
 @dataclass
@@ -47,6 +49,7 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length" at the end
     error: str | None = None  # the stream ended without finishing (the server is stopping)
     tokens: int = 0  # tokens sampled so far (with the last event: the completion's token count)
+    logprobs: list[tuple] = field(default_factory=list)  # (token, logprob, top, offset) of the tokens whose text starts here
 
 
 class Stream:
@@ -81,6 +84,23 @@ class Stream:
         self.recent = ""  # the last ``keep`` characters of the text, for stop strings across tokens
         self.pending = ""  # text made but not yet sent
         self.last_send = -math.inf  # the first text goes at once: chunking must not delay the first token
+        self.entries: list[tuple] = []  # (token, logprob, top, offset in the text made) not yet sent
+        self.made = 0  # characters made so far (before any stop string cut)
+        self.sent = 0  # characters sent so far
+
+    def note(self, token: str, logprob: float, top: dict[str, float], piece: str) -> None:
+        """Record a sampled token's log-probability; its text ``piece`` starts at the text made so far."""
+        self.entries.append((token, logprob, top, self.made))
+        self.made += len(piece)
+
+    def _sending(self, text: str) -> list[tuple]:
+        """The entries of the tokens whose text starts within what is sent so far, with ``text``."""
+        self.sent += len(text)
+        count = 0
+        while count < len(self.entries) and self.entries[count][3] < self.sent:
+            count += 1
+        taken, self.entries = self.entries[:count], self.entries[count:]
+        return taken
 
     def next_draw(self) -> float:
         """The next uniform number in (0, 1] of this stream's own generator."""
@@ -105,6 +125,7 @@ class Stream:
         """The event to send now, if any: due text, or everything with ``final``."""
         if final is not None:
             final.text, final.tokens, self.pending = self.pending, self.tokens, ""
+            final.logprobs, self.entries = self._sending(final.text), []
             return final
         hold = self.keep - 1 if self.keep else 0
         ready = len(self.pending) - hold
@@ -112,7 +133,7 @@ class Stream:
             return None
         text, self.pending = self.pending[:ready], self.pending[ready:]
         self.last_send = now
-        return Event(text=text, tokens=self.tokens)
+        return Event(text=text, tokens=self.tokens, logprobs=self._sending(text))
 
 
 class Busy(Exception):
@@ -265,6 +286,8 @@ class Batcher:
     def _sample_step(self, streams: list[Stream], logits: torch.Tensor, seen: torch.Tensor):
         """Pick every row's next token, hand out its text; the rows to keep and the events to send."""
         settings = [s.settings for s in streams]
+        scored = [row for row, x in enumerate(settings) if x.logprobs is not None]
+        log_probs = torch.log_softmax(logits[scored].float(), -1) if scored else None  # the model's own
         logits = logits[:, :self.allowed].float()  # (B, V')
         penalties = [x.repetition_penalty for x in settings]
         if any(p != 1.0 for p in penalties):
@@ -274,13 +297,17 @@ class Batcher:
         seen.scatter_(1, next_ids[:, None], True)
         now = time.monotonic()
         keep, outgoing = [], []
+        notes = self._logprobs(streams, scored, log_probs, next_ids) if scored else {}
         for row, (stream, token) in enumerate(zip(streams, next_ids.tolist())):
             if stream.cancelled:
                 self.slots.release(stream)
                 continue
             stream.tokens += 1
             stream.last_id = token
-            stopped = stream.take(stream.decoder.push(token))
+            piece = stream.decoder.push(token)
+            if row in notes:
+                stream.note(*notes[row], piece)
+            stopped = stream.take(piece)
             final = None
             if stopped:
                 final = Event(finish_reason="stop")
@@ -294,6 +321,21 @@ class Batcher:
             else:
                 keep.append(row)
         return keep, outgoing
+
+    def _logprobs(self, streams: list[Stream], rows: list[int], log_probs: torch.Tensor,
+                  next_ids: torch.Tensor) -> dict[int, tuple]:
+        """{row: (token text, its log-probability, {top token: logprob})} for the rows that asked."""
+        tokenizer = self.sampler.tokenizer
+        picked = next_ids[rows]
+        chosen = log_probs.gather(1, picked[:, None]).squeeze(1).tolist()
+        most = max(streams[row].settings.logprobs for row in rows)
+        tops = top_tokens(tokenizer, log_probs, most) if most else [{} for _ in rows]
+        names = token_texts(tokenizer, picked.tolist())
+        notes = {}
+        for i, row in enumerate(rows):
+            count = streams[row].settings.logprobs
+            notes[row] = (names[i], chosen[i], dict(list(tops[i].items())[:count]))
+        return notes
 
     @staticmethod
     def _pick(streams: list[Stream], settings: list[Settings], logits: torch.Tensor) -> torch.Tensor:
