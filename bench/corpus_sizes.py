@@ -22,12 +22,13 @@ would have had in M minutes. Every run then has ``max_steps`` and nothing timed,
 or load gives the same plan (the grid ran with ``--threads 1``, two processes side by side).
 
     python bench/corpus_sizes.py --calibrate                       # the speed ratios (a minute)
-    nice -n 10 python bench/corpus_sizes.py --minutes 2 --threads 1 --shard 0/2 &
-    nice -n 10 python bench/corpus_sizes.py --minutes 2 --threads 1 --shard 1/2
+    nice -n 10 python bench/corpus_sizes.py --minutes 2 --threads 1 &   # two processes share the queue
+    nice -n 10 python bench/corpus_sizes.py --minutes 2 --threads 1
     python bench/corpus_sizes.py --table                           # the tables, from the results so far
 
 Runs already in the results file are skipped, so the command can be stopped and run again to finish
-the grid; ``--shard I/N`` takes every N-th run of the queue (cells in order of size, smallest first).
+the grid; processes side by side take the next run no other has claimed (cells in order of size,
+smallest first, or ``--cells shakespeare:100000 python:4500000``).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ SETTINGS = {  # one or two changes from the default each, so that the table tell
     "d0.2+wdrop0.2": {"dropout": 0.2, "weight_drop": 0.2},
     "d0.15+wd0.3": {"dropout": 0.15, "weight_decay": 0.3},
     "h384+d0.15": {"hidden_size": 384, "dropout": 0.15},
+    "d0.35+wdrop0.2": {"dropout": 0.35, "weight_drop": 0.2},  # these two for the smallest corpora
+    "d0.5": {"dropout": 0.5},
 }
 MODEL_KEYS = ("dropout", "weight_drop", "hidden_size")
 
@@ -154,10 +157,43 @@ def done_runs() -> dict[str, dict]:
     return {r["key"]: r for r in rows}
 
 
-def queue(kinds, sizes, budgets, names) -> list[tuple[str, int, float, str]]:
-    """Every run of the grid, budgets in the given order, then cells by size (smallest first), then kind."""
-    return [(kind, size, minutes, name) for minutes in budgets for size in sorted(sizes) for kind in kinds
-            for name in names]
+def cells(args) -> list[tuple[str, int]]:
+    """The (kind, size) cells to run, in order: ``--cells``, else by size (smallest first), then kind."""
+    if args.cells:
+        pairs = [c.partition(":") for c in args.cells]
+        if bad := [k for k, _, _ in pairs if k not in KINDS]:
+            raise SystemExit(f"--cells: unknown corpus kind(s) {', '.join(bad)}; choose from {', '.join(KINDS)}")
+        return [(kind, int(size)) for kind, _, size in pairs]
+    return [(kind, size) for size in sorted(args.sizes) for kind in args.kinds]
+
+
+def queue(cell_list, budgets, names) -> list[tuple[str, int, float, str]]:
+    """Every run: budgets in the given order, then the cells in theirs, then the settings."""
+    return [(kind, size, minutes, name) for minutes in budgets for kind, size in cell_list for name in names]
+
+
+CLAIMS = Path(tempfile.gettempdir()) / "textrnn-corpus-sizes-claims"
+
+
+def claim(key: str) -> bool:
+    """Take a run for this process (processes side by side share the queue); a dead process's claim is free."""
+    CLAIMS.mkdir(exist_ok=True)
+    path = CLAIMS / key.replace("/", "_")
+    try:
+        os.kill(int(path.read_text()), 0)
+        return False  # its process is alive
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        path.unlink(missing_ok=True)
+    try:
+        with open(path, "x") as handle:
+            handle.write(str(os.getpid()))
+        return True
+    except FileExistsError:
+        return False
+
+
+def release(key: str) -> None:
+    (CLAIMS / key.replace("/", "_")).unlink(missing_ok=True)
 
 
 def table(rows: list[dict]) -> str:
@@ -176,11 +212,39 @@ def table(rows: list[dict]) -> str:
                       f"{d['best_step']:,} of {d['planned_steps']:,}) | " if d else "- | - | ")
                    + f"{best['final_val_loss']:.4f} | {best['setting']}{partial} | "
                    + (f"{d['final_val_loss'] - best['final_val_loss']:+.4f} |" if d else "- |"))
-    out += ["", "| corpus | size | budget | " + " | ".join(SETTINGS) + " |", "|---|---:|---:|" + "---:|" * len(SETTINGS)]
+    for metric, title in (("final_val_loss", "final val loss"), ("best_val_loss", "best val loss (the kept weights)")):
+        out += ["", f"{title}:", "", "| corpus | size | budget | " + " | ".join(SETTINGS) + " |",
+                "|---|---:|---:|" + "---:|" * len(SETTINGS)]
+        for (minutes, kind, size), runs in sorted(cells.items()):
+            values = [f"{runs[n][metric]:.4f}" if n in runs else "-" for n in SETTINGS]
+            out.append(f"| {KINDS[kind]} | {size:,} | {minutes:g} min | " + " | ".join(values) + " |")
+    out += ["", "the proposed rule (`proposed_rule`): its pick's measured final val loss against the grid's best:", "",
+            "| corpus | size | budget | epochs | rule's pick | its final | grid's best | pick - best | default - best |",
+            "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for (minutes, kind, size), runs in sorted(cells.items()):
-        values = [f"{runs[n]['final_val_loss']:.4f}" if n in runs else "-" for n in SETTINGS]
-        out.append(f"| {KINDS[kind]} | {size:,} | {minutes:g} min | " + " | ".join(values) + " |")
+        if "default" not in runs:
+            continue
+        d = runs["default"]
+        pick = proposed_rule(d["planned_epochs"], d["train_tokens"])
+        name = next((n for n, s in SETTINGS.items() if {**DEFAULT, **s} == pick), str(pick))
+        best = min(r["final_val_loss"] for r in runs.values())
+        measured = runs[name]["final_val_loss"] if name in runs else None
+        out.append(f"| {KINDS[kind]} | {size:,} | {minutes:g} min | {d['planned_epochs']:.1f} | {name} | "
+                   + (f"{measured:.4f} | {best:.4f} | {measured - best:+.4f} |" if measured else f"- | {best:.4f} | - |")
+                   + f" {d['final_val_loss'] - best:+.4f} |")
     return "\n".join(out)
+
+
+def proposed_rule(epochs: float, train_tokens: int) -> dict:
+    """Dropout, weight drop, hidden size and weight decay from the default's planned epochs (tokens
+    its plan reads / training tokens), fitted on the 2-minute cells (see BENCHMARKS.md): the more
+    passes over the text, the more dropout; DropConnect only where the text is read 25+ times.
+    ``train_tokens`` is unused: at one budget it is the epochs again (the 10-minute cells would part them)."""
+    if epochs >= 25:
+        return {**DEFAULT, "dropout": 0.35, "weight_drop": 0.2}
+    if epochs >= 7:
+        return {**DEFAULT, "dropout": 0.15}
+    return dict(DEFAULT)
 
 
 def main() -> None:
@@ -190,7 +254,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="characters (capped at the corpus)")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--shard", default="0/1", help="I/N: run every N-th run of the queue, from the I-th")
+    parser.add_argument("--cells", nargs="+", default=None, metavar="KIND:SIZE",
+                        help="these cells, in this order, instead of every kind at every size")
     parser.add_argument("--calibrate", action="store_true", help="measure the speed ratios (2 threads) and stop")
     parser.add_argument("--table", action="store_true", help="print the tables of the results so far and stop")
     parser.add_argument("--deadline", default=None, help="HH:MM: start no run after this time of day")
@@ -205,29 +270,31 @@ def main() -> None:
         raise SystemExit(f"{SPEED_FILE} is missing: run --calibrate first")
     speed = json.loads(SPEED_FILE.read_text(encoding="utf-8"))["speed"]
     torch.set_num_threads(args.threads)  # what the trainer will use, for machine()
-    index, _, count = args.shard.partition("/")
-    texts = {kind: corpus_text(kind) for kind in args.kinds}
-    todo = [run for run in queue(args.kinds, args.sizes, args.minutes, args.settings)
+    texts = {kind: corpus_text(kind) for kind in {c[0] for c in cells(args)}}
+    todo = [run for run in queue(cells(args), args.minutes, args.settings)
             if run[1] <= len(texts[run[0]])]  # a size the corpus cannot give is skipped
-    done = done_runs()
-    todo = [run for run in todo if run_key(*run) not in done][int(index)::int(count)]
-    print(f"machine: {machine()}; {args.threads} thread(s); {len(todo)} runs to do; speed {speed}", flush=True)
+    print(f"machine: {machine()}; {args.threads} thread(s); speed {speed}; "
+          f"{sum(run_key(*r) not in done_runs() for r in todo)} runs not done yet", flush=True)
     for kind, size, minutes, name in todo:
         if args.deadline and time.strftime("%H:%M") >= args.deadline:
             print(f"deadline {args.deadline}: stopping", flush=True)
             break
-        if run_key(kind, size, minutes, name) in done_runs():  # another shard did it
+        key = run_key(kind, size, minutes, name)
+        if key in done_runs() or not claim(key):  # done, or another process is on it
             continue
-        setting = SETTINGS[name]
-        steps = budget_steps(minutes, setting, speed)
-        load = os.getloadavg()[0]
-        row = train_one(texts[kind][:size], setting, steps, args.threads)
-        row = {"key": run_key(kind, size, minutes, name), "kind": kind, "size": size, "minutes": minutes,
-               "setting": name, "settings": {**DEFAULT, **setting}, **row, "threads": args.threads,
-               "load_at_start": round(load, 2), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
-        with open(RESULTS_FILE, "a", encoding="utf-8") as handle:  # one short line, appended whole
-            handle.write(json.dumps(row) + "\n")
-        print(f"{row['key']}: {steps:,} steps, {row['planned_epochs']:.1f} epochs, final {row['final_val_loss']:.4f}, "
+        try:
+            setting = SETTINGS[name]
+            steps = budget_steps(minutes, setting, speed)
+            load = os.getloadavg()[0]
+            row = train_one(texts[kind][:size], setting, steps, args.threads)
+            row = {"key": key, "kind": kind, "size": size, "minutes": minutes, "setting": name,
+                   "settings": {**DEFAULT, **setting}, **row, "threads": args.threads, "load_at_start": round(load, 2),
+                   "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+            with open(RESULTS_FILE, "a", encoding="utf-8") as handle:  # one short line, appended whole
+                handle.write(json.dumps(row) + "\n")
+        finally:
+            release(key)
+        print(f"{key}: {steps:,} steps, {row['planned_epochs']:.1f} epochs, final {row['final_val_loss']:.4f}, "
               f"best {row['best_val_loss']:.4f} at {row['best_step']:,}, train {row['final_train_loss']:.3f}, "
               f"{row['wall']:.0f} s", flush=True)
     print(table(list(done_runs().values())))

@@ -23,8 +23,9 @@ def test_a_budget_is_the_defaults_recorded_steps_times_the_settings_speed():
     assert shape({"weight_drop": 0.2, "hidden_size": 384}) == "h384+wdrop"
 
 
-def test_the_queue_takes_a_budget_at_a_time_smallest_corpus_first():
-    runs = queue(["shakespeare", "python"], [300_000, 100_000], [2.0, 10.0], ["default", "d0.25"])
+def test_the_queue_takes_a_budget_at_a_time_then_the_cells_in_order():
+    cell_list = [("shakespeare", 100_000), ("python", 100_000), ("shakespeare", 300_000), ("python", 300_000)]
+    runs = queue(cell_list, [2.0, 10.0], ["default", "d0.25"])
     assert runs[:4] == [("shakespeare", 100_000, 2.0, "default"), ("shakespeare", 100_000, 2.0, "d0.25"),
                         ("python", 100_000, 2.0, "default"), ("python", 100_000, 2.0, "d0.25")]
     assert {r[2] for r in runs[:8]} == {2.0} and len(runs) == 16
