@@ -154,7 +154,8 @@ def _preset_help() -> str:
     wide = count_parameters(preset("auto", AUTO_WIDE_FROM), 65) / 1e6
     return (f"Model size preset (parameters at a 65-symbol vocabulary: {sizes}). Default auto: small, or, for a "
             f"--max-time of {format_duration(AUTO_WIDE_FROM)} or more, a wider 2x{AUTO_WIDE['hidden_size']} "
-            f"({wide:.2f}M, dropout {AUTO_WIDE['dropout']}).")
+            f"({wide:.2f}M, dropout {AUTO_WIDE['dropout']}); once the plan is known, auto raises the dropout "
+            f"(and turns on weight drop) for a corpus small enough to memorise, unless they are given.")
 
 
 # ---------------------------------------------------------------- preprocess
@@ -198,7 +199,8 @@ Stops at --max-steps, --epochs or --max-time, whichever comes first (a 10-minute
 is given). A time budget is wall time for the whole run, final evaluation and save included
 (preprocessing raw text is reported apart): after a short calibration it becomes a planned
 number of steps, which the learning-rate schedule and the evaluations follow. Ctrl-C saves the
-run; continue it with --resume RUN_DIR. Presets: auto (the default: sized for the budget),
+run; continue it with --resume RUN_DIR, or train a finished one again with --replay RUN_DIR.
+Presets: auto (the default: sized for the budget, its dropout fitted to the corpus),
 {", ".join(PRESETS)}.""")
 def train(
     inputs: Annotated[Optional[list[Path]], typer.Argument(help="Text files, directories, or a preprocess directory.",
