@@ -6,6 +6,10 @@ BIN := $(VENV)/bin
 # to satisfy pyproject's range. Override for a GPU machine: make TORCH_SPEC='torch' test
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# onnxruntime-node for the Node.js tests of textrnn.js (pinned beside textrnn/web's onnxruntime-web).
+# Its install script would fetch CUDA binaries from nuget; its CPU build is in the npm tarball itself.
+ORT_NODE_VERSION := 1.30.0
+ORT_NODE := .cache/node/node_modules/onnxruntime-node/package.json
 DEMO_DIR := runs/demo
 DEMO_STEPS ?= 1000
 
@@ -17,7 +21,14 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e '.[dev,plot,onnx,serve]'
+	$(BIN)/python -m textrnn.web  # the pinned onnxruntime-web that export --format web copies (cached)
 	touch $(STAMP)
+
+$(ORT_NODE):
+	@if command -v npm >/dev/null; then \
+		ONNXRUNTIME_NODE_INSTALL=skip npm install -q --no-audit --no-fund --no-save --prefix .cache/node \
+			onnxruntime-node@$(ORT_NODE_VERSION); \
+	else echo "npm not found: the Node.js tests of textrnn.js will be skipped"; fi
 
 # Train on the Python standard library's own source for a fixed number of steps (about two minutes
 # on a laptop), then write some Python. Steps and threads are fixed, so the text is the same on any
@@ -28,7 +39,7 @@ demo: $(STAMP)
 		--out $(DEMO_DIR) --max-steps $(DEMO_STEPS) --threads 2
 	$(BIN)/python -m textrnn generate --checkpoint $(DEMO_DIR) --prompt 'def ' --length 600 --temperature 0.8 --seed 1
 
-test: $(STAMP)
+test: $(STAMP) $(ORT_NODE)
 	$(BIN)/python -m pytest -q
 
 # Benchmarks (results go into BENCHMARKS.md): about 30 minutes; bench-full adds the 5- and
@@ -60,4 +71,4 @@ bench-full: bench
 	$(BIN)/python bench/sampling.py --quick --run runs/bench-medium
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .cache

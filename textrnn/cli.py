@@ -137,6 +137,17 @@ class Weights(str, Enum):
 
 class ExportFormat(str, Enum):
     onnx = "onnx"
+    web = "web"
+
+
+class ExportPrecision(str, Enum):
+    fp32 = "fp32"
+    int8 = "int8"
+
+
+class WebRuntime(str, Enum):
+    bundled = "bundled"
+    cdn = "cdn"
 
 
 class Errors(str, Enum):
@@ -708,13 +719,31 @@ def download(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output directory (new, empty, or a previous export).")],
-    format: Annotated[ExportFormat, typer.Option("--format", help="Export format.")] = ExportFormat.onnx,
+    format: Annotated[ExportFormat, typer.Option(
+        "--format", help="onnx: the step graph, tokenizer and config; web: those and a page with textrnn.js.")
+    ] = ExportFormat.onnx,
+    precision: Annotated[ExportPrecision, typer.Option(
+        help="int8: int8 recurrent weights, a 4x smaller file (checked against fp32's probabilities).")
+    ] = ExportPrecision.fp32,
+    runtime: Annotated[Optional[WebRuntime], typer.Option(
+        help="Web only. bundled: copy onnxruntime-web into the folder (works offline); cdn: load it from jsDelivr.",
+        show_default="bundled")] = None,
 ) -> None:
-    """Export a run's one-token step (model.onnx), tokenizer and config, checked against PyTorch."""
+    """Export a run's one-token step (model.onnx), tokenizer and config, checked against PyTorch.
+
+    --format web also writes textrnn.js and index.html: a page that samples the model in the
+    browser, from any static file server (python -m http.server -d DIR).
+    """
     from .export import export_run
 
-    path = _run(export_run, run_dir, out, format.value)
-    print(f"{path}: model.onnx, tokenizer and config.json (checked with onnxruntime)")
+    if runtime is not None and format != ExportFormat.web:
+        _fail("--runtime applies to --format web only", 2)
+    runtime = runtime or WebRuntime.bundled
+    path = _run(export_run, run_dir, out, format.value, precision.value, runtime.value)
+    made = "model.onnx, tokenizer and config.json"
+    if format == ExportFormat.web:
+        made += ", textrnn.js, index.html" + (" and onnxruntime-web" if runtime == WebRuntime.bundled else "")
+    print(f"{path}: {made} ({precision.value}, checked with onnxruntime)")
 
 
 # ---------------------------------------------------------------- serve

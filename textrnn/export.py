@@ -25,12 +25,14 @@ from .errors import ConfigError, InputError, TextRNNError
 EXPORT_FORMAT = "textrnn-onnx"
 EXPORT_VERSION = 1
 ONNX_FILE = "model.onnx"
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "web")
+PRECISIONS = ("fp32", "int8")
 OPSET = 17
 TOLERANCE = 1e-4  # the largest logit difference from PyTorch an export may have
 QUANTIZE_PER_CHANNEL = True  # int8 weights: a scale per output row (BENCHMARKS.md)
 CACHE_DIR = "onnx"  # the sampling engine's export, beside the run's weights
-EXPORT_FILES = {ONNX_FILE, CONFIG_FILE, "tokenizer.json", "tokenizer.model"}
+EXPORT_FILES = {ONNX_FILE, CONFIG_FILE, "tokenizer.json", "tokenizer.model", "textrnn.js", "index.html", "ort"}
+INT8_TOLERANCE = 0.02  # the largest total variation an int8 step's next-token distribution may have from fp32
 
 
 class ExportError(TextRNNError):
@@ -362,6 +364,45 @@ def _checked_graph(model: nn.Module) -> bytes:
     return graph
 
 
+def check_quantized(model: nn.Module, onnx_model: bytes | os.PathLike, steps: int = 64, batch: int = 4,
+                    seed: int = 0) -> float:
+    """The largest total variation distance between the int8 step's next-token distribution and
+    PyTorch's (half the L1 distance of the probabilities: the most probability any set of tokens
+    gains or loses), over a random id sequence with the state carried.
+
+    Logits are the wrong yardstick for int8: they move by tenths where the distribution barely
+    moves (a logit far below the top one may shift a lot and change nothing)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (batch, steps), generator=generator)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            expected = torch.softmax(model(ids)[0].float().cpu(), -1)  # (B, T, V)
+    finally:
+        model.train(was_training)
+    stepper = OnnxStepper(onnx_model, model.config.cell == "lstm", threads=1)
+    state = tuple(s.numpy() for s in model.init_state(batch, "cpu"))
+    worst = 0.0
+    for t in range(steps):
+        logits, state = stepper(ids[:, t], state)
+        tv = 0.5 * (torch.softmax(logits.float(), -1) - expected[:, t]).abs().sum(-1).max()
+        worst = max(worst, float(tv))
+    return worst
+
+
+def _export_graph(model: nn.Module, precision: str) -> bytes:
+    graph = _checked_graph(model)
+    if precision == "fp32":
+        return graph
+    graph = quantized_graph(graph)
+    worst = check_quantized(model, graph)
+    if not worst <= INT8_TOLERANCE:
+        raise ExportError(f"the int8 step's next-token probabilities differ from fp32 by a total variation of "
+                          f"{worst:.3g} (more than {INT8_TOLERANCE:g}); export this model in fp32")
+    return graph
+
+
 # ---------------------------------------------------------------- export a run
 
 def _export_metadata(model: nn.Module, tokenizer, weights_sha256: str | None) -> dict:
@@ -375,39 +416,64 @@ def _export_metadata(model: nn.Module, tokenizer, weights_sha256: str | None) ->
     return data
 
 
-def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str = "onnx") -> Path:
+def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, format: str = "onnx", precision: str = "fp32",
+               runtime: str = "bundled") -> Path:
     """Export a run's best weights to ``out``: model.onnx, the tokenizer files and config.json.
 
-    The export is checked against PyTorch with onnxruntime before ``out`` appears; on any
-    failure nothing is left behind. ``out`` may be new, empty, or a previous export.
+    ``format="web"`` adds textrnn.js, index.html and (``runtime="bundled"``) the onnxruntime-web
+    files (``textrnn/web``): a folder any static file server can serve. ``precision="int8"``
+    quantizes the step's recurrent weights (``quantized_graph``). The export is checked against
+    PyTorch with onnxruntime before ``out`` appears; on any failure nothing is left behind.
+    ``out`` may be new, empty, or a previous export.
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown export precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     run_dir, out = Path(run_dir), Path(out)
-    run_config(run_dir)  # not a run: a clear error before anything else
+    config = run_config(run_dir)  # not a run: a clear error before anything else
+    _check_out(out)
+    web = None
+    if format == "web":
+        from . import web as web_files
+
+        web_files.check_tokenizer(config["tokenizer"].get("kind"))
+        web = web_files.web_metadata(runtime)
+        if runtime == "bundled":
+            web_files.find_runtime()  # the download, if any, before the work
+    _require_onnx()
+    from .checkpoint import load_run, weights_file
+    from .fileio import file_sha256
+
+    run = load_run(run_dir, "cpu")
+    graph = _export_graph(run.model, precision)
+    with staging_directory(out) as tmp:
+        _write_export(tmp, graph, run.model, run.tokenizer, file_sha256(weights_file(run_dir)), precision, web)
+        if web is not None:
+            web_files.write_page(tmp, runtime)
+    return out
+
+
+def _check_out(out: Path) -> None:
     if out.exists():
         if not out.is_dir():
             raise InputError(f"{out}: exists and is not a directory")
         others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
         if others:
             raise InputError(f"{out}: holds other files ({', '.join(others[:3])}); give a new or empty directory")
-    _require_onnx()
-    from .checkpoint import load_run, weights_file
-    from .fileio import file_sha256
-
-    run = load_run(run_dir, "cpu")
-    graph = _checked_graph(run.model)
-    with staging_directory(out) as tmp:
-        _write_export(tmp, graph, run.model, run.tokenizer, file_sha256(weights_file(run_dir)))
-    return out
 
 
-def _write_export(directory: Path, graph: bytes, model: nn.Module, tokenizer, weights_sha256: str | None) -> None:
+def _write_export(directory: Path, graph: bytes, model: nn.Module, tokenizer, weights_sha256: str | None,
+                  precision: str = "fp32", web: dict | None = None) -> None:
     from .checkpoint import atomic_write_bytes
 
     atomic_write_bytes(directory / ONNX_FILE, graph)
     tokenizer.save(directory)
-    write_json(directory / CONFIG_FILE, _export_metadata(model, tokenizer, weights_sha256))
+    metadata = _export_metadata(model, tokenizer, weights_sha256)
+    metadata["precision"] = precision
+    if web is not None:
+        metadata["web"] = web
+    write_json(directory / CONFIG_FILE, metadata)
 
 
 def cached_step_graph(run_dir: str | os.PathLike, model: nn.Module, tokenizer) -> bytes | Path:

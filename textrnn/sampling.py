@@ -145,9 +145,19 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
         return (logits + noise).argmax(-1)  # argmax(logits / T + Gumbel) is a draw from softmax(logits / T)
     if draw is None:
         draw = 1.0 - torch.rand(logits.shape[0], 1, generator=generator, device=logits.device)  # (B, 1) in (0, 1]
+    order, probs, last = _filter(logits, temperature, k, top_p)
+    choice = _inverse_cdf(probs, draw, last)  # a position in ``order``
+    return choice if order is None else order.gather(-1, choice[:, None]).squeeze(-1)
+
+
+def _filter(logits: torch.Tensor, temperature: float, k: int, top_p: float
+            ) -> tuple[torch.Tensor | None, torch.Tensor, int | torch.Tensor]:
+    """(order, probs, last): the ids by rank [B, N] (None: unfiltered, the vocabulary's own order),
+    their probabilities after temperature, top-k (``k`` > 0) and top-p (0 past the kept tokens,
+    not renormalised), and the last kept position (an int or [B, 1])."""
+    vocab = logits.shape[-1]
     if k == 0 and top_p >= 1.0:  # no filter: the common case, kept short
-        probs = torch.softmax(logits / temperature if temperature != 1.0 else logits, -1)  # (B, V)
-        return _inverse_cdf(probs, draw, vocab - 1)
+        return None, torch.softmax(logits / temperature if temperature != 1.0 else logits, -1), vocab - 1
     if k:
         values, order = torch.topk(logits, k, dim=-1)  # (B, k), most likely first
     else:
@@ -160,8 +170,30 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
         # (B, 1); the top token always stays, even for a top_p that is 0 in float32 (say 1e-50)
         last = ((above < top_p).sum(-1, keepdim=True) - 1).clamp_(min=0)
         probs = probs.masked_fill(torch.arange(probs.shape[-1], device=probs.device) > last, 0.0)
-    choice = _inverse_cdf(probs, draw, last)  # a position in the sorted order
-    return order.gather(-1, choice[:, None]).squeeze(-1)
+    return order, probs, last
+
+
+def filtered_probabilities(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                           top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``sample_logits`` draws from, per row of ``logits`` [B, V]: (ids, probabilities), each [B, V].
+
+    The ids run most likely first (ties: the lower id first); the probabilities are those of
+    ``sample_logits``'s rule, renormalised over the kept tokens, and 0 past them. Greedy
+    (temperature 0) keeps the argmax alone. The reference that other samplers (textrnn.js) match.
+    """
+    _check_sampling_args(temperature, top_k, top_p)
+    logits = _make_safe(logits.float())
+    vocab = logits.shape[-1]
+    order = torch.sort(logits, dim=-1, descending=True, stable=True).indices  # (B, V)
+    if temperature < _GREEDY_BELOW:
+        probs = torch.zeros_like(logits)
+        probs[:, 0] = 1.0
+        return order, probs
+    k = top_k if 0 < top_k < vocab else 0
+    kept_order, probs, _ = _filter(logits, float(temperature), k, float(top_p))
+    dense = probs if kept_order is None else torch.zeros_like(logits).scatter_(1, kept_order, probs)
+    ranked = dense.gather(1, order)
+    return order, ranked / ranked.sum(-1, keepdim=True)
 
 
 def _gumbel_noise(shape: tuple[int, ...], temperature: float, generator: torch.Generator,
