@@ -257,9 +257,8 @@ async function loadRuntime(config, base) {
         `(${config.web?.onnxruntime_web ?? ""}), or pass { ort } to TextRNN.load`);
     }
   }
-  const module = new URL(config.web.runtime, base).href;
-  const ort = await import(module);
-  ort.env.wasm.wasmPaths = new URL(".", module).href;
+  // the bundle finds its wasm binary beside itself (import.meta.url): in the export's ort/, or on the CDN
+  const ort = await import(new URL(config.web.runtime, base).href);
   ort.env.wasm.numThreads = 1; // one token at a time: a second thread only adds hand-offs
   return ort;
 }
