@@ -10,12 +10,8 @@ are missing; ``.ci/run`` installs Chromium and ``make test`` fetches the runtime
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import http.server
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -24,34 +20,14 @@ from conftest import invoke, sentence_corpus
 from serve_helpers import wait_for
 from test_web import SENTENCES, train_run
 
+from textrnn.web import static_server
+
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.browser
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
-TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm",
-         ".json": "application/json", ".onnx": "application/octet-stream", ".html": "text/html"}
-
-
-class _Handler(http.server.SimpleHTTPRequestHandler):
-    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **TYPES}
-
-    def log_message(self, *args):  # quiet
-        pass
-
-
-@contextlib.contextmanager
-def static_server(directory: Path):
-    """``directory`` over HTTP on 127.0.0.1 (any free port), as any static file server would serve it."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(directory)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def chromium(offline: bool = True):

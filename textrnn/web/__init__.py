@@ -17,9 +17,13 @@ the export's ``ort/`` folder so that the page loads nothing from elsewhere. They
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import hashlib
+import http.server
 import io
 import os
+import threading
 import shutil
 import tarfile
 import urllib.error
@@ -38,6 +42,8 @@ RUNTIME_DIR = "ort"  # in the export
 PAGE_FILES = ("textrnn.js", "index.html")
 RUNTIMES = ("bundled", "cdn")
 _HERE = Path(__file__).parent
+TYPES = {".mjs": "text/javascript", ".js": "text/javascript", ".wasm": "application/wasm",
+         ".json": "application/json", ".onnx": "application/octet-stream", ".html": "text/html"}
 
 
 def runtime_cache() -> Path:
@@ -122,3 +128,25 @@ def write_page(directory: Path, runtime: str) -> None:
         (directory / RUNTIME_DIR).mkdir()
         for name in RUNTIME_FILES:
             shutil.copyfile(source / name, directory / RUNTIME_DIR / name)
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **TYPES}
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def static_server(directory: str | os.PathLike):
+    """Serve ``directory`` over HTTP on 127.0.0.1 (a free port) in a thread, as any static file
+    server would (the tests and ``bench/web_speed.py`` open an export this way); yields its URL."""
+    handler = functools.partial(_Quiet, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
