@@ -70,9 +70,9 @@ def train_run(directory: Path, corpus: Path, cell: str, tokenizer: str = "char",
     return directory
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exports(tmp_path_factory):
-    """Trained tiny runs (LSTM and GRU on chars, LSTM on bytes) and their web exports."""
+    """Trained tiny runs (LSTM and GRU on chars, LSTM on bytes) and their web exports (shared with test_web_browser)."""
     _runtime_or_skip()
     root = tmp_path_factory.mktemp("web")
     corpus = root / "corpus.txt"
@@ -92,7 +92,8 @@ def exports(tmp_path_factory):
 def test_web_export_writes_a_page_the_model_and_the_runtime(exports):
     run, out = exports["lstm"]
     names = {p.name for p in out.iterdir()}
-    assert names == {"model.onnx", "config.json", "tokenizer.json", "textrnn.js", "index.html", "ort"}
+    assert names == {"model.onnx", "config.json", "tokenizer.json", "textrnn.js", "index.html", "package.json", "ort"}
+    assert json.loads((out / "package.json").read_text())["type"] == "module"
     assert sorted(p.name for p in (out / "ort").iterdir()) == sorted(web.RUNTIME_FILES)
     config = json.loads((out / "config.json").read_text())
     assert config["web"] == {"runtime": "ort/ort.wasm.bundle.min.mjs", "onnxruntime_web": web.ORT_WEB_VERSION}
@@ -340,3 +341,19 @@ def test_export_run_python_api(tmp_path):
     run = write_random_run(tmp_path / "run")
     out = export_run(run, tmp_path / "out", format="web", precision="int8", runtime="cdn")
     assert (out / "index.html").is_file() and not (out / "ort").exists()
+
+
+def test_the_readme_node_example_finds_onnxruntime_node_itself(exports, tmp_path):
+    """As README has it: the export in a folder whose node_modules holds onnxruntime-node, no {ort} passed."""
+    node_or_skip()
+    run, out = exports["gru"]
+    project = tmp_path / "project"
+    shutil.copytree(out, project / "model-web")
+    (project / "node_modules").symlink_to(ORT_NODE / "node_modules")
+    script = ('import { TextRNN } from "./model-web/textrnn.js";\n'
+              'const model = await TextRNN.load("model-web");\n'
+              'for await (const piece of model.stream({ prompt: "the ", length: 80, temperature: 0 }))'
+              ' process.stdout.write(piece);\n')
+    done = subprocess.run([NODE, "--input-type=module", "-e", script], cwd=project, capture_output=True, timeout=60)
+    assert done.returncode == 0 and not done.stderr, done.stderr.decode()
+    assert done.stdout.decode() == Sampler.from_checkpoint(run, "cpu").generate("the ", 80, temperature=0)

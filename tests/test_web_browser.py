@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import invoke, sentence_corpus
+from conftest import invoke
 from serve_helpers import wait_for
-from test_web import SENTENCES, train_run
+from test_web import exports  # noqa: F401 (the trained runs and their exports, made once)
 
 from textrnn.web import static_server
 
@@ -57,26 +57,11 @@ def page_ready(browser) -> bool:
         browser.execute_script("return document.body.dataset.ready") == "true"
 
 
-@pytest.fixture(scope="module")
-def web_exports(tmp_path_factory):
-    from textrnn import web
-
-    try:
-        web.find_runtime(download=False)
-    except Exception as exc:
-        pytest.skip(f"no onnxruntime-web {web.ORT_WEB_VERSION} files: {exc}")
+@pytest.fixture(scope="session")
+def web_exports(exports):
     if CHROMIUM is None or DRIVER is None:
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    root = tmp_path_factory.mktemp("web-browser")
-    corpus = root / "corpus.txt"
-    corpus.write_text(sentence_corpus(SENTENCES, 20_000), encoding="utf-8")
-    made = {}
-    for cell in ("lstm", "gru"):
-        run = train_run(root / f"run-{cell}", corpus, cell)
-        out = root / f"web-{cell}"
-        assert invoke("export", run, "--format", "web", "--out", out).code == 0
-        made[cell] = (run, out)
-    return made
+    return exports
 
 
 @pytest.fixture(scope="module")

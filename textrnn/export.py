@@ -31,7 +31,7 @@ OPSET = 17
 TOLERANCE = 1e-4  # the largest logit difference from PyTorch an export may have
 QUANTIZE_PER_CHANNEL = True  # int8 weights: a scale per output row (BENCHMARKS.md)
 CACHE_DIR = "onnx"  # the sampling engine's export, beside the run's weights
-EXPORT_FILES = {ONNX_FILE, CONFIG_FILE, "tokenizer.json", "tokenizer.model", "textrnn.js", "index.html", "ort"}
+EXPORT_FILES = {ONNX_FILE, CONFIG_FILE, "tokenizer.json", "tokenizer.model", "textrnn.js", "index.html", "package.json", "ort"}
 INT8_TOLERANCE = 0.02  # the largest total variation an int8 step's next-token distribution may have from fp32
 
 

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import http.server
 import io
+import json
 import os
 import threading
 import shutil
@@ -123,6 +124,9 @@ def write_page(directory: Path, runtime: str) -> None:
     """Copy textrnn.js and index.html into ``directory``, and the runtime files unless it comes from the CDN."""
     for name in PAGE_FILES:
         shutil.copyfile(_HERE / name, directory / name)
+    # Node reads textrnn.js as the ES module it is, whatever package.json sits above the folder
+    (directory / "package.json").write_text(json.dumps({"private": True, "type": "module", "main": "textrnn.js"},
+                                                       indent=1) + "\n", encoding="utf-8")
     if runtime == "bundled":
         source = find_runtime()
         (directory / RUNTIME_DIR).mkdir()

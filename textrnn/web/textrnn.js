@@ -251,7 +251,8 @@ async function baseURL(url) {
 async function loadRuntime(config, base) {
   if (isNode) {
     try {
-      return await import("onnxruntime-node");
+      const ort = await import("onnxruntime-node");
+      return ort.InferenceSession ? ort : ort.default; // a CommonJS package: its exports may be on default
     } catch (error) {
       throw new Error("textrnn.js in Node needs onnxruntime-node: npm install onnxruntime-node " +
         `(${config.web?.onnxruntime_web ?? ""}), or pass { ort } to TextRNN.load`);
