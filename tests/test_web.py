@@ -174,7 +174,18 @@ def test_int8_export_is_smaller_and_checked_on_probabilities(exports, tmp_path):
     fp32 = step_graph(model)
     int8 = quantized_graph(fp32)
     assert len(int8) < len(fp32) / 2.5
-    assert check_quantized(model, int8) < 0.02
+    distance, loss_gap = check_quantized(model, int8)
+    assert distance < 0.01 and abs(loss_gap) < 0.01
+
+
+def test_an_int8_export_too_far_from_fp32_fails_and_writes_nothing(exports, tmp_path, monkeypatch):
+    from textrnn import export
+
+    run, _ = exports["gru"]
+    monkeypatch.setattr(export, "INT8_DISTANCE", 0.0)
+    result = invoke("export", run, "--format", "web", "--precision", "int8", "--out", tmp_path / "out")
+    assert result.code == 1 and "export this model in fp32" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- textrnn.js against Python
