@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import machine  # noqa: E402
-from textrnn.checkpoint import CONFIG_FILE, FORMAT_VERSION, RUN_FORMAT, WEIGHTS_FILE, model_tensors, save_tensors, write_json  # noqa: E402
-from textrnn.config import ModelConfig, TrainConfig  # noqa: E402
+from textrnn.checkpoint import write_run  # noqa: E402
+from textrnn.config import ModelConfig  # noqa: E402
 from textrnn.export import export_run  # noqa: E402
 from textrnn.model import RNNLanguageModel  # noqa: E402
 from textrnn.sampling import Sampler  # noqa: E402
@@ -63,18 +63,12 @@ import("./textrnn.js").then(async ({ TextRNN }) => {
 """
 
 
-def write_run(directory: Path, hidden: int) -> Path:
+def make_run(directory: Path, hidden: int) -> Path:
     torch.manual_seed(0)
     tokenizer = CharTokenizer(CHARS)
     model = RNNLanguageModel(ModelConfig(vocab_size=tokenizer.vocab_size, cell="lstm", num_layers=2,
                                          hidden_size=hidden))
-    directory.mkdir(parents=True)
-    tokenizer.save(directory)
-    write_json(directory / CONFIG_FILE, {"format": RUN_FORMAT, "version": FORMAT_VERSION,
-                                         "model": model.config.to_dict(), "train": TrainConfig().to_dict(),
-                                         "tokenizer": tokenizer.to_dict()})
-    save_tensors(directory / WEIGHTS_FILE, model_tensors(model))
-    return directory
+    return write_run(directory, model, tokenizer)
 
 
 def chromium():
@@ -150,7 +144,7 @@ def main() -> None:
         print(f"no browser: {exc}")
     with tempfile.TemporaryDirectory() as tmp:
         for name, hidden in MODELS.items():
-            run = write_run(Path(tmp) / f"run-{hidden}", hidden)
+            run = make_run(Path(tmp) / f"run-{hidden}", hidden)
             cells = {"Python, torch fp32": attempt(in_python, run, "torch", "fp32", args.length, args.repeats),
                      "Python, onnxruntime fp32": attempt(in_python, run, "onnxruntime", "fp32", args.length,
                                                          args.repeats),

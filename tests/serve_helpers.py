@@ -1,8 +1,10 @@
-"""Helpers for the server tests: a tiny run, and an app served by uvicorn on a thread (loopback only)."""
+"""Helpers for the server and browser tests: a tiny run, an app served by uvicorn on a thread
+(loopback only), and headless Chromium."""
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import socket
 import threading
 import time
@@ -62,3 +64,31 @@ def wait_for(condition, timeout: float = 10.0, every: float = 0.02) -> bool:
         if value or time.monotonic() > deadline:
             return bool(value)
         time.sleep(every)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def chromium(window: str = "1100,760", offline: bool = False):
+    """Headless Chromium driven by selenium; skips the test where Chromium, its driver or selenium
+    is missing. ``offline``: every host but 127.0.0.1 fails to resolve and nothing goes out by
+    address either (a dead proxy), so a page can load only from the local server."""
+    import pytest
+
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the dev extra)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 f"--window-size={window}", "--force-color-profile=srgb", "--no-first-run"):
+        options.add_argument(flag)
+    if offline:
+        options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
+        options.add_argument("--proxy-server=http://127.0.0.1:9")
+        options.add_argument("--proxy-bypass-list=127.0.0.1")
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    driver.set_page_load_timeout(30)
+    driver.set_script_timeout(60)
+    return driver

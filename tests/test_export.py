@@ -22,9 +22,10 @@ from conftest import REPO, invoke
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from textrnn import checkpoint  # noqa: E402
 from textrnn import export as export_module  # noqa: E402
-from textrnn.checkpoint import CONFIG_FILE, FORMAT_VERSION, RUN_FORMAT, WEIGHTS_FILE, model_tensors, save_tensors, write_json  # noqa: E402
-from textrnn.config import ModelConfig, TrainConfig  # noqa: E402
+from textrnn.checkpoint import WEIGHTS_FILE, model_tensors, save_tensors  # noqa: E402
+from textrnn.config import ModelConfig  # noqa: E402
 from textrnn.export import ONNX_FILE, check_export, export_run, step_graph  # noqa: E402
 from textrnn.model import RNNLanguageModel  # noqa: E402
 from textrnn.sampling import Sampler  # noqa: E402
@@ -46,14 +47,7 @@ def tiny_model(cell: str = "lstm", tie: bool = False, layers: int = 2, hidden: i
 
 def write_run(directory: Path, model: RNNLanguageModel) -> Path:
     """A run directory as the trainer leaves it (config, tokenizer, best weights), without training."""
-    directory.mkdir(parents=True)
-    tokenizer = CharTokenizer(CHARS)
-    tokenizer.save(directory)
-    write_json(directory / CONFIG_FILE, {"format": RUN_FORMAT, "version": FORMAT_VERSION,
-                                         "model": model.config.to_dict(), "train": TrainConfig().to_dict(),
-                                         "tokenizer": tokenizer.to_dict()})
-    save_tensors(directory / WEIGHTS_FILE, model_tensors(model))
-    return directory
+    return checkpoint.write_run(directory, model, CharTokenizer(CHARS))
 
 
 @pytest.mark.parametrize("cell, tie, layers", list(itertools.product(["lstm", "gru", "rnn"], [True, False], [1, 2])))

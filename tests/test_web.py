@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, invoke, sentence_corpus
+from test_export import tiny_model, write_run
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from textrnn import web  # noqa: E402
-from textrnn.checkpoint import CONFIG_FILE, FORMAT_VERSION, RUN_FORMAT, WEIGHTS_FILE, model_tensors, save_tensors, write_json  # noqa: E402
-from textrnn.config import ModelConfig, TrainConfig  # noqa: E402
+from textrnn.config import ModelConfig  # noqa: E402
 from textrnn.export import check_quantized, export_run, quantized_graph, step_graph  # noqa: E402
 from textrnn.model import RNNLanguageModel  # noqa: E402
 from textrnn.sampling import Sampler, _sample, filtered_probabilities  # noqa: E402
@@ -330,26 +330,9 @@ def test_a_byte_tokenizer_round_trips_utf8_in_js(exports):
     assert ByteTokenizer().vocab_size == json.loads((out / "config.json").read_text())["model"]["vocab_size"]
 
 
-def write_random_run(directory: Path, hidden: int = 32) -> Path:
-    """A run of random weights (no training): for the shape and size checks."""
-    from textrnn.tokenizers import CharTokenizer
-
-    torch.manual_seed(0)
-    chars = "abcdefghij \n"
-    model = RNNLanguageModel(ModelConfig(vocab_size=len(chars) + 1, hidden_size=hidden, embedding_dim=16))
-    directory.mkdir(parents=True)
-    tokenizer = CharTokenizer(chars)
-    tokenizer.save(directory)
-    write_json(directory / CONFIG_FILE, {"format": RUN_FORMAT, "version": FORMAT_VERSION,
-                                         "model": model.config.to_dict(), "train": TrainConfig().to_dict(),
-                                         "tokenizer": tokenizer.to_dict()})
-    save_tensors(directory / WEIGHTS_FILE, model_tensors(model))
-    return directory
-
-
 def test_export_run_python_api(tmp_path):
     _runtime_or_skip()
-    run = write_random_run(tmp_path / "run")
+    run = write_run(tmp_path / "run", tiny_model())
     out = export_run(run, tmp_path / "out", format="web", precision="int8", runtime="cdn")
     assert (out / "index.html").is_file() and not (out / "ort").exists()
 

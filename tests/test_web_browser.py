@@ -11,13 +11,12 @@ are missing; ``.ci/run`` installs Chromium and ``make test`` fetches the runtime
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
 import pytest
 from conftest import invoke
-from serve_helpers import wait_for
+from serve_helpers import CHROMEDRIVER, CHROMIUM, chromium, wait_for
 from test_web import exports  # noqa: F401 (the trained runs and their exports, made once)
 
 from textrnn.web import static_server
@@ -25,30 +24,6 @@ from textrnn.web import static_server
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.browser
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-DRIVER = shutil.which("chromedriver")
-
-
-def chromium(offline: bool = True):
-    """Headless Chromium; ``offline``: every host but 127.0.0.1 fails to resolve, so nothing loads from elsewhere."""
-    if CHROMIUM is None or DRIVER is None:
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (the dev extra)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--window-size=1000,720", "--force-color-profile=srgb", "--no-first-run"):
-        options.add_argument(flag)
-    if offline:
-        options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
-        options.add_argument("--proxy-server=http://127.0.0.1:9")  # and nothing goes out by address either
-        options.add_argument("--proxy-bypass-list=127.0.0.1")
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=DRIVER))
-    driver.set_page_load_timeout(30)
-    driver.set_script_timeout(60)
-    return driver
-
 
 def page_ready(browser) -> bool:
     """Wait until the page has loaded its model (True) or said it could not (False)."""
@@ -59,14 +34,14 @@ def page_ready(browser) -> bool:
 
 @pytest.fixture(scope="session")
 def web_exports(exports):
-    if CHROMIUM is None or DRIVER is None:
+    if CHROMIUM is None or CHROMEDRIVER is None:
         pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
     return exports
 
 
 @pytest.fixture(scope="module")
 def browser():
-    driver = chromium()
+    driver = chromium("1000,720", offline=True)
     try:
         yield driver
     finally:

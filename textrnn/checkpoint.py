@@ -206,6 +206,23 @@ def _last_weights(last: Path) -> Path:
     return last / AVERAGE_FILE if (last / AVERAGE_FILE).is_file() else last / WEIGHTS_FILE
 
 
+def write_run(directory: str | os.PathLike, model, tokenizer, train: dict | None = None) -> Path:
+    """A run directory for ``model``'s weights as they are, as the trainer leaves one (config,
+    tokenizer, best weights), without training: for tests, benchmarks and weights from elsewhere.
+    ``directory`` must not exist. ``train`` is the config's train section (default: the defaults)."""
+    from .config import TrainConfig
+
+    directory = Path(directory)
+    directory.mkdir(parents=True)
+    tokenizer.save(directory)
+    write_json(directory / CONFIG_FILE, {"format": RUN_FORMAT, "version": FORMAT_VERSION,
+                                         "model": model.config.to_dict(),
+                                         "train": TrainConfig().to_dict() if train is None else train,
+                                         "tokenizer": tokenizer.to_dict()})
+    save_tensors(directory / WEIGHTS_FILE, model_tensors(model))
+    return directory
+
+
 def load_run(run_dir: str | os.PathLike, device=None, weights: str = "best") -> Run:
     """Load a run directory for inference: config, tokenizer and weights (``best`` or ``last``)."""
     import torch
