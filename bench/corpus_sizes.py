@@ -34,6 +34,7 @@ smallest first, or ``--cells shakespeare:100000 python:4500000``).
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import gzip
 import json
@@ -218,33 +219,50 @@ def table(rows: list[dict]) -> str:
         for (minutes, kind, size), runs in sorted(cells.items()):
             values = [f"{runs[n][metric]:.4f}" if n in runs else "-" for n in SETTINGS]
             out.append(f"| {KINDS[kind]} | {size:,} | {minutes:g} min | " + " | ".join(values) + " |")
-    out += ["", "the proposed rule (`proposed_rule`): its pick's measured final val loss against the grid's best:", "",
+    out += ["", "`--preset auto`'s pick (`rule_pick`): its measured final val loss against the grid's best:", "",
             "| corpus | size | budget | epochs | rule's pick | its final | grid's best | pick - best | default - best |",
             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for (minutes, kind, size), runs in sorted(cells.items()):
-        if "default" not in runs:
-            continue
-        d = runs["default"]
-        pick = proposed_rule(d["planned_epochs"], d["train_tokens"])
-        name = next((n for n, s in SETTINGS.items() if {**DEFAULT, **s} == pick), str(pick))
+        any_run = next(iter(runs.values()))
+        name, _ = rule_pick(minutes, any_run["train_tokens"])
+        epochs = RECORDED_STEPS.get(float(minutes), round(STEPS_PER_MINUTE * minutes)) * 2048 / any_run["train_tokens"]
         best = min(r["final_val_loss"] for r in runs.values())
-        measured = runs[name]["final_val_loss"] if name in runs else None
-        out.append(f"| {KINDS[kind]} | {size:,} | {minutes:g} min | {d['planned_epochs']:.1f} | {name} | "
+        measured = runs.get(name.split(" ")[0], {}).get("final_val_loss")
+        d = runs.get("default")
+        out.append(f"| {KINDS[kind]} | {size:,} | {minutes:g} min | {epochs:.1f} | {name} | "
                    + (f"{measured:.4f} | {best:.4f} | {measured - best:+.4f} |" if measured else f"- | {best:.4f} | - |")
-                   + f" {d['final_val_loss'] - best:+.4f} |")
+                   + (f" {d['final_val_loss'] - best:+.4f} |" if d else " - |"))
     return "\n".join(out)
 
 
-def proposed_rule(epochs: float, train_tokens: int) -> dict:
-    """Dropout, weight drop, hidden size and weight decay from the default's planned epochs (tokens
-    its plan reads / training tokens), fitted on the 2-minute cells (see BENCHMARKS.md): the more
-    passes over the text, the more dropout; DropConnect only where the text is read 25+ times.
-    ``train_tokens`` is unused: at one budget it is the epochs again (the 10-minute cells would part them)."""
-    if epochs >= 25:
-        return {**DEFAULT, "dropout": 0.35, "weight_drop": 0.2}
-    if epochs >= 7:
-        return {**DEFAULT, "dropout": 0.15}
-    return dict(DEFAULT)
+def rule_pick(minutes: float, train_tokens: int) -> tuple[str, dict]:
+    """What ``--preset auto`` chooses for the 2x256 at this budget and corpus (``config.auto_regularisation``,
+    from the default's planned epochs and the training tokens per weight), and the grid setting that
+    is it: the same dropout and weight drop, or the nearest dropout with the same weight drop (named so)."""
+    from textrnn.config import TrainConfig, auto_regularisation
+
+    defaults = TrainConfig()
+    epochs = RECORDED_STEPS.get(float(minutes), round(STEPS_PER_MINUTE * minutes)) * defaults.batch_size \
+        * defaults.seq_len / train_tokens
+    chosen = auto_regularisation(epochs, train_tokens / default_parameters(), floor=DEFAULT["dropout"])
+    pick = {**DEFAULT, **chosen}
+    candidates = {n: {**DEFAULT, **st} for n, st in SETTINGS.items()
+                  if {**DEFAULT, **st}["hidden_size"] == DEFAULT["hidden_size"]
+                  and {**DEFAULT, **st}["weight_decay"] == DEFAULT["weight_decay"]
+                  and {**DEFAULT, **st}["weight_drop"] == pick["weight_drop"]}
+    name = min(candidates, key=lambda n: abs(candidates[n]["dropout"] - pick["dropout"]))
+    if candidates[name]["dropout"] != pick["dropout"]:
+        name = f"{name} (nearest to dropout {pick['dropout']:g})"
+    return name, pick
+
+
+@functools.cache
+def default_parameters(vocab: int = 80) -> int:
+    """Weights of the 2x256 default (at a typical vocabulary: 1.4% apart from 65 to 100 symbols)."""
+    from textrnn.config import preset
+    from textrnn.model import RNNLanguageModel
+
+    return sum(p.numel() for p in RNNLanguageModel(preset("small", vocab_size=vocab)).parameters())
 
 
 def main() -> None:
