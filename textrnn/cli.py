@@ -723,7 +723,7 @@ def export(
         "--format", help="onnx: the step graph, tokenizer and config; web: those and a page with textrnn.js.")
     ] = ExportFormat.onnx,
     precision: Annotated[ExportPrecision, typer.Option(
-        help="int8: int8 recurrent weights, a 4x smaller file (checked against fp32's probabilities).")
+        help="int8: int8 recurrent weights, a 3-4x smaller file (checked against fp32's probabilities).")
     ] = ExportPrecision.fp32,
     runtime: Annotated[Optional[WebRuntime], typer.Option(
         help="Web only. bundled: copy onnxruntime-web into the folder (works offline); cdn: load it from jsDelivr.",
