@@ -34,7 +34,6 @@ smallest first, or ``--cells shakespeare:100000 python:4500000``).
 from __future__ import annotations
 
 import argparse
-import functools
 import glob
 import gzip
 import json
@@ -256,13 +255,11 @@ def rule_pick(minutes: float, train_tokens: int) -> tuple[str, dict]:
     return name, pick
 
 
-@functools.cache
 def default_parameters(vocab: int = 80) -> int:
     """Weights of the 2x256 default (at a typical vocabulary: 1.4% apart from 65 to 100 symbols)."""
-    from textrnn.config import preset
-    from textrnn.model import RNNLanguageModel
+    from textrnn.config import count_parameters, preset
 
-    return sum(p.numel() for p in RNNLanguageModel(preset("small", vocab_size=vocab)).parameters())
+    return count_parameters(preset("small"), vocab)
 
 
 def main() -> None:
