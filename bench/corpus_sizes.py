@@ -80,7 +80,8 @@ def corpus_text(kind: str) -> str:
         return python_corpus()
     if kind == "gnu":
         files = sorted(glob.glob("/usr/share/info/*.info*.gz"))
-        return "".join(gzip.open(f, "rt", encoding="utf-8", errors="replace").read() for f in files)
+        text = "".join(gzip.open(f, "rt", encoding="utf-8", errors="replace").read() for f in files)
+        return text.replace("\x00", "").replace("\x08", "")  # info's index cookies (NUL, backspace) are not text
     raise SystemExit(f"--kinds: unknown corpus kind {kind!r}; choose from {', '.join(KINDS)}")
 
 
