@@ -351,3 +351,13 @@ def test_the_readme_node_example_finds_onnxruntime_node_itself(exports, tmp_path
     done = subprocess.run([NODE, "--input-type=module", "-e", script], cwd=project, capture_output=True, timeout=60)
     assert done.returncode == 0 and not done.stderr, done.stderr.decode()
     assert done.stdout.decode() == Sampler.from_checkpoint(run, "cpu").generate("the ", 80, temperature=0)
+
+
+def test_node_without_onnxruntime_node_says_what_to_install(exports, tmp_path):
+    node_or_skip()
+    _, out = exports["lstm"]
+    shutil.copytree(out, tmp_path / "model-web")
+    script = ('import { TextRNN } from "./model-web/textrnn.js";\n'
+              'try { await TextRNN.load("model-web"); } catch (error) { console.log(error.message); }\n')
+    done = subprocess.run([NODE, "--input-type=module", "-e", script], cwd=tmp_path, capture_output=True, timeout=60)
+    assert f"npm install onnxruntime-node@{web.ORT_WEB_VERSION}" in done.stdout.decode(), done

@@ -254,8 +254,9 @@ async function loadRuntime(config, base) {
       const ort = await import("onnxruntime-node");
       return ort.InferenceSession ? ort : ort.default; // a CommonJS package: its exports may be on default
     } catch (error) {
-      throw new Error("textrnn.js in Node needs onnxruntime-node: npm install onnxruntime-node " +
-        `(${config.web?.onnxruntime_web ?? ""}), or pass { ort } to TextRNN.load`);
+      const version = config.web?.onnxruntime_web ? `@${config.web.onnxruntime_web}` : "";
+      throw new Error(`textrnn.js in Node needs onnxruntime-node (npm install onnxruntime-node${version}), ` +
+        `or pass { ort } to TextRNN.load (${error.message})`);
     }
   }
   // the bundle finds its wasm binary beside itself (import.meta.url): in the export's ort/, or on the CDN
