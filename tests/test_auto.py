@@ -17,10 +17,12 @@ DEFAULT_WEIGHTS = count_parameters(preset("small"), 65)  # 0.95M
 
 @pytest.mark.parametrize("corpus_chars, steps, dropout, weight_drop", [
     (100_000, TWO_MINUTES, 0.35, 0.2),  # a letter collection: read 39 times in two minutes, memorised
+    (100_000, TEN_MINUTES, 0.35, 0.2),  # 195 times
     (300_000, TWO_MINUTES, 0.15, 0.0),  # 13 epochs
-    (1_115_394, TWO_MINUTES, 0.05, 0.0),  # tiny Shakespeare: under 4 epochs
-    (1_115_394, TEN_MINUTES, 0.05, 0.0),  # 17 epochs, but as many tokens as weights: the tuned default
-    (4_700_000, TEN_MINUTES, 0.05, 0.0),  # the Python standard library
+    (300_000, TEN_MINUTES, 0.35, 0.0),  # 65 epochs, but three times the text of the first rows: no DropConnect
+    (1_115_394, TWO_MINUTES, 0.05, 0.0),  # tiny Shakespeare: under 4 epochs, the tuned default
+    (1_115_394, TEN_MINUTES, 0.15, 0.0),  # 17 epochs at one token per weight
+    (4_700_000, TEN_MINUTES, 0.05, 0.0),  # the Python standard library: 4 epochs, 4 tokens per weight
     (100_000, 150, 0.05, 0.0),  # a small corpus read only three times: nothing to memorise yet
 ])
 def test_the_rule_follows_the_table_from_token_counts(corpus_chars, steps, dropout, weight_drop):
