@@ -235,16 +235,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def next_time_of_day(hh_mm: str) -> float:
+    """The next moment the local clock reads ``hh_mm``, as a timestamp."""
+    import datetime
+
+    now = datetime.datetime.now()
+    at = now.replace(hour=int(hh_mm.split(":")[0]), minute=int(hh_mm.split(":")[1]), second=0, microsecond=0)
+    return (at if at > now else at + datetime.timedelta(days=1)).timestamp()
+
+
 def rule_pick(minutes: float, train_tokens: int) -> tuple[str, dict]:
     """What ``--preset auto`` chooses for the 2x256 at this budget and corpus (``config.auto_regularisation``,
-    from the default's planned epochs and the training tokens per weight), and the grid setting that
+    from the default's planned epochs and the training tokens), and the grid setting that
     is it: the same dropout and weight drop, or the nearest dropout with the same weight drop (named so)."""
     from textrnn.config import TrainConfig, auto_regularisation
 
     defaults = TrainConfig()
     epochs = RECORDED_STEPS.get(float(minutes), round(STEPS_PER_MINUTE * minutes)) * defaults.batch_size \
         * defaults.seq_len / train_tokens
-    chosen = auto_regularisation(epochs, train_tokens / default_parameters(), floor=DEFAULT["dropout"])
+    chosen = auto_regularisation(epochs, train_tokens, floor=DEFAULT["dropout"])
     pick = {**DEFAULT, **chosen}
     candidates = {n: {**DEFAULT, **st} for n, st in SETTINGS.items()
                   if {**DEFAULT, **st}["hidden_size"] == DEFAULT["hidden_size"]
@@ -254,13 +263,6 @@ def rule_pick(minutes: float, train_tokens: int) -> tuple[str, dict]:
     if candidates[name]["dropout"] != pick["dropout"]:
         name = f"{name} (nearest to dropout {pick['dropout']:g})"
     return name, pick
-
-
-def default_parameters(vocab: int = 80) -> int:
-    """Weights of the 2x256 default (at a typical vocabulary: 1.4% apart from 65 to 100 symbols)."""
-    from textrnn.config import count_parameters, preset
-
-    return count_parameters(preset("small"), vocab)
 
 
 def main() -> None:
@@ -274,7 +276,7 @@ def main() -> None:
                         help="these cells, in this order, instead of every kind at every size")
     parser.add_argument("--calibrate", action="store_true", help="measure the speed ratios (2 threads) and stop")
     parser.add_argument("--table", action="store_true", help="print the tables of the results so far and stop")
-    parser.add_argument("--deadline", default=None, help="HH:MM: start no run after this time of day")
+    parser.add_argument("--deadline", default=None, help="HH:MM: start no run after this time of day (its next one: 00:30 at 23:00 is tomorrow)")
     args = parser.parse_args()
     if args.calibrate:
         calibrate(threads=2)
@@ -291,8 +293,9 @@ def main() -> None:
             if run[1] <= len(texts[run[0]])]  # a size the corpus cannot give is skipped
     print(f"machine: {machine()}; {args.threads} thread(s); speed {speed}; "
           f"{sum(run_key(*r) not in done_runs() for r in todo)} runs not done yet", flush=True)
+    stop_at = next_time_of_day(args.deadline) if args.deadline else None
     for kind, size, minutes, name in todo:
-        if args.deadline and time.strftime("%H:%M") >= args.deadline:
+        if stop_at and time.time() >= stop_at:
             print(f"deadline {args.deadline}: stopping", flush=True)
             break
         key = run_key(kind, size, minutes, name)

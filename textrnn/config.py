@@ -83,11 +83,13 @@ PRESET_CHOICES = ("auto", *PRESETS)
 AUTO_FITTED = ("dropout", "weight_drop")
 # Measured with the 2x256 default (BENCHMARKS.md, "The default fitted to the corpus"): the dropout
 # that the grid's best settings had, by how often the plan reads the corpus (planned epochs) and
-# by how much text there is for each weight (training tokens per parameter). Between two rows the
-# dropout follows the logarithm; outside them, the end rows.
+# by how much text there is (training tokens). Between two rows the dropout follows the logarithm;
+# outside them, the end rows. The text is counted in tokens, not tokens per weight: the 2x384 that
+# auto trains from 20 minutes on, on tiny Shakespeare at 30 minutes, has half the text per weight of
+# the 2x256 at 10 and was best with the same dropout (0.15: 1.3817 and 1.3797, 0.23: 1.3910).
 AUTO_DROPOUT_BY_EPOCHS = ((4.0, 0.05), (13.0, 0.15), (39.0, 0.35))
-AUTO_DROPOUT_BY_DATA = ((0.28, 0.35), (1.0, 0.15), (4.0, 0.05))
-AUTO_WEIGHT_DROP = (30.0, 0.1, 0.2)  # from this many epochs, at most this many tokens per weight: DropConnect 0.2
+AUTO_DROPOUT_BY_DATA = ((265_000, 0.35), (950_000, 0.15), (3_800_000, 0.05))
+AUTO_WEIGHT_DROP = (30.0, 100_000, 0.2)  # from this many epochs, at most this many tokens: DropConnect 0.2
 
 
 def preset(name: str, max_time: float | None = None, **overrides: Any) -> ModelConfig:
@@ -101,20 +103,20 @@ def preset(name: str, max_time: float | None = None, **overrides: Any) -> ModelC
     return ModelConfig(**{**shape, **overrides})
 
 
-def auto_regularisation(planned_epochs: float, tokens_per_parameter: float, floor: float = 0.0) -> dict[str, float]:
-    """Dropout and weight drop for a plan that reads its training split ``planned_epochs`` times,
-    with ``tokens_per_parameter`` training tokens for each weight of the model.
+def auto_regularisation(planned_epochs: float, train_tokens: float, floor: float = 0.0) -> dict[str, float]:
+    """Dropout and weight drop for a plan that reads its ``train_tokens`` training tokens
+    ``planned_epochs`` times.
 
     Both must be large to overfit: a corpus read a few times is not memorised, however small, and
-    the more text each weight has, the less dropout pays (at one token per weight and 17 epochs,
-    0.15 is level with 0.25 on Python and with 0.05 on tiny Shakespeare). So the dropout is the
-    smaller of what each calls for, and never below ``floor`` (the preset's).
+    the more text there is, the less dropout pays (at a million tokens and 17 epochs, 0.15 is level
+    with 0.25 on Python and with 0.05 on tiny Shakespeare). So the dropout is the smaller of what
+    each calls for, and never below ``floor`` (the preset's).
     """
     by_epochs = _log_interpolate(AUTO_DROPOUT_BY_EPOCHS, planned_epochs)
-    by_data = _log_interpolate(AUTO_DROPOUT_BY_DATA, tokens_per_parameter)
-    epochs, ratio, weight_drop = AUTO_WEIGHT_DROP
+    by_data = _log_interpolate(AUTO_DROPOUT_BY_DATA, train_tokens)
+    epochs, most_tokens, weight_drop = AUTO_WEIGHT_DROP
     return {"dropout": round(max(floor, min(by_epochs, by_data)), 2),
-            "weight_drop": weight_drop if planned_epochs >= epochs and tokens_per_parameter <= ratio else 0.0}
+            "weight_drop": weight_drop if planned_epochs >= epochs and train_tokens <= most_tokens else 0.0}
 
 
 def _log_interpolate(rows: tuple[tuple[float, float], ...], x: float) -> float:

@@ -291,17 +291,16 @@ def _fit_to_corpus(run: "_Run") -> bool:
     plan, fit = run.state.plan, run.config["auto"]["fit"]
     train_tokens = len(run.train_ids)
     epochs = plan * run.batch * run.train_config.seq_len * run.dist_info.world_size / train_tokens
-    per_weight = train_tokens / sum(p.numel() for p in run.model.parameters())
-    rule = auto_regularisation(epochs, per_weight, floor=run.model_config.dropout)
+    rule = auto_regularisation(epochs, train_tokens, floor=run.model_config.dropout)
     chosen = {k: v for k, v in rule.items() if k in fit}
     before = run.model_config.weight_drop
     run.model.set_regularisation(chosen.get("dropout", run.model_config.dropout),
                                  chosen.get("weight_drop", before))
-    why = (f"auto: the plan reads the {train_tokens:,} training tokens {epochs:.1f} times, "
-           f"{per_weight:.2g} per weight, so " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in chosen.items()))
+    why = (f"auto: the plan reads the {train_tokens:,} training tokens {epochs:.1f} times, so "
+           + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in chosen.items()))
     run.log(why)
     run.config["model"] = run.model_config.to_dict()
-    run.config["auto"] = {"fit": [], "planned_epochs": round(epochs, 2), "tokens_per_parameter": round(per_weight, 4),
+    run.config["auto"] = {"fit": [], "planned_epochs": round(epochs, 2), "train_tokens": train_tokens,
                           "chose": chosen, "why": why}
     if run.dist_info.is_main:
         on_disk = ckpt.run_config(run.run_dir)
