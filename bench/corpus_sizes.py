@@ -245,18 +245,21 @@ def next_time_of_day(hh_mm: str) -> float:
 
 
 def rule_pick(minutes: float, train_tokens: int) -> tuple[str, dict]:
-    """What ``--preset auto`` chooses for the 2x256 at this budget and corpus (``config.auto_regularisation``,
-    from the default's planned epochs and the training tokens), and the grid setting that
-    is it: the same dropout and weight drop, or the nearest dropout with the same weight drop (named so)."""
-    from textrnn.config import TrainConfig, auto_regularisation
+    """What ``--preset auto`` chooses at this budget and corpus: the width (``config.auto_shape``), then
+    the dropout and weight drop from that model's planned epochs and the training tokens
+    (``config.auto_regularisation``); and the grid setting that is it: the same width, dropout and weight
+    drop, or the nearest dropout with the same width and weight drop (named so)."""
+    from textrnn.config import TrainConfig, auto_regularisation, auto_shape
 
     defaults = TrainConfig()
-    epochs = RECORDED_STEPS.get(float(minutes), round(STEPS_PER_MINUTE * minutes)) * defaults.batch_size \
-        * defaults.seq_len / train_tokens
-    chosen = auto_regularisation(epochs, train_tokens, floor=DEFAULT["dropout"])
-    pick = {**DEFAULT, **chosen}
+    shape = auto_shape(minutes * 60.0, train_tokens)
+    speed = json.loads(SPEED_FILE.read_text(encoding="utf-8"))["speed"] if SPEED_FILE.exists() else {}
+    steps = budget_steps(minutes, {"hidden_size": shape["hidden_size"]}, speed)
+    epochs = steps * defaults.batch_size * defaults.seq_len / train_tokens
+    chosen = auto_regularisation(epochs, train_tokens, floor=shape["dropout"])
+    pick = {**DEFAULT, "hidden_size": shape["hidden_size"], **chosen}
     candidates = {n: {**DEFAULT, **st} for n, st in SETTINGS.items()
-                  if {**DEFAULT, **st}["hidden_size"] == DEFAULT["hidden_size"]
+                  if {**DEFAULT, **st}["hidden_size"] == pick["hidden_size"]
                   and {**DEFAULT, **st}["weight_decay"] == DEFAULT["weight_decay"]
                   and {**DEFAULT, **st}["weight_drop"] == pick["weight_drop"]}
     name = min(candidates, key=lambda n: abs(candidates[n]["dropout"] - pick["dropout"]))

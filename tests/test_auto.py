@@ -8,7 +8,7 @@ import json
 import pytest
 
 from conftest import invoke, sentence_corpus
-from textrnn.config import AUTO_WIDE, TrainConfig, auto_regularisation, preset
+from textrnn.config import AUTO_WIDE, PRESETS, TrainConfig, auto_regularisation, auto_shape, preset
 
 DEFAULT_BATCH = TrainConfig().batch_size * TrainConfig().seq_len  # tokens a step reads
 TWO_MINUTES, TEN_MINUTES = 1718, 8569  # steps of the 2x256 default on this CPU (BENCHMARKS.md)
@@ -37,6 +37,42 @@ def test_the_wide_model_at_30_minutes_keeps_its_dropout():
     train_tokens = int(1_115_394 * 0.9)
     chosen = auto_regularisation(9_765 * DEFAULT_BATCH / train_tokens, train_tokens, floor=AUTO_WIDE["dropout"])
     assert chosen == {"dropout": 0.15, "weight_drop": 0.0}
+
+
+@pytest.mark.parametrize("minutes, corpus_chars, hidden", [
+    (10, 4_500_000, 384),  # Python and the GNU manuals, 4 million tokens read 4 times: the 2x384 is ahead or level
+    (10, 1_115_394, 256),  # tiny Shakespeare: a million tokens, the 2x256 at 10 minutes
+    (2, 4_500_000, 256),  # two minutes are too few steps for the 2x384 on any text
+    (30, 100_000, 384),  # from 20 minutes the budget alone calls for it
+])
+def test_the_width_follows_the_table_from_token_counts(minutes, corpus_chars, hidden):
+    shape = auto_shape(minutes * 60.0, int(corpus_chars * 0.9))
+    assert shape["hidden_size"] == hidden and shape == (AUTO_WIDE if hidden == 384 else PRESETS["small"])
+    assert auto_shape(None, 10**9) == PRESETS["small"]  # a step budget: the time to use a wide model is unknown
+
+
+def test_a_large_corpus_widens_the_model_unless_a_shape_is_given(tmp_path, monkeypatch):
+    import textrnn.config
+
+    # a few thousand tokens stand for the 2 million of the rule, so that the run is small
+    monkeypatch.setattr(textrnn.config, "AUTO_WIDE_TEXT", (600.0, 1_000))
+    corpus = tmp_path / "manual.txt"
+    corpus.write_text(sentence_corpus(("the cat sat on the mat. ", "copy the file to the disk. "), 3_000),
+                      encoding="utf-8")
+    quick = ("--max-time", "10m", "--max-steps", "2", "--eval-tokens", "200", "--threads", "1",
+             "--sample-length", "0", "--seq-len", "16", "--batch-size", "4")
+    result = invoke("train", corpus, "--out", tmp_path / "wide", *quick)
+    assert result.code == 0, result.stderr
+    config = _config(tmp_path / "wide")
+    assert (config["model"]["hidden_size"], config["model"]["dropout"]) == (384, 0.15)
+    assert config["auto"]["shape"] == "2x384" and config["auto"]["chose"]["hidden_size"] == 384
+    assert "auto: 2x384 for" in result.stderr and "training tokens in 10m" in result.stderr
+    for name, flags in (("hidden", ("--hidden", "256")), ("layers", ("--layers", "1")), ("named", ("--preset", "small"))):
+        kept = invoke("train", corpus, "--out", tmp_path / name, *quick, *flags)
+        assert kept.code == 0, kept.stderr
+        assert _config(tmp_path / name)["model"]["hidden_size"] == 256, name
+    given = invoke("train", corpus, "--out", tmp_path / "dropout", *quick, "--dropout", "0.02")
+    assert given.code == 0 and _config(tmp_path / "dropout")["model"]["dropout"] == 0.02  # wider, the dropout kept
 
 
 def test_the_rule_is_monotone_and_bounded():

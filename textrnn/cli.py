@@ -16,9 +16,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import (AUTO_WIDE, AUTO_WIDE_FROM, CELLS, DEVICES, PRECISIONS, PRESETS, RESUME_OVERRIDES, TOKENIZERS,
-                     ModelConfig, TrainConfig, build_configs, count_parameters, format_duration, help_text,
-                     parse_duration, preset, read_toml_settings)
+from .config import (AUTO_WIDE, AUTO_WIDE_FROM, AUTO_WIDE_TEXT, CELLS, DEVICES, PRECISIONS, PRESETS,
+                     RESUME_OVERRIDES, TOKENIZERS, ModelConfig, TrainConfig, build_configs, count_parameters,
+                     format_duration, help_text, parse_duration, preset, read_toml_settings)
 from .errors import InputError, TextRNNError
 
 try:  # typer ships its own copy of click
@@ -165,8 +165,9 @@ def _preset_help() -> str:
     wide = count_parameters(preset("auto", AUTO_WIDE_FROM), 65) / 1e6
     return (f"Model size preset (parameters at a 65-symbol vocabulary: {sizes}). Default auto: small, or, for a "
             f"--max-time of {format_duration(AUTO_WIDE_FROM)} or more, a wider 2x{AUTO_WIDE['hidden_size']} "
-            f"({wide:.2f}M, dropout {AUTO_WIDE['dropout']}); once the plan is known, auto raises the dropout "
-            f"(and turns on weight drop) for a corpus small enough to memorise, unless they are given.")
+            f"({wide:.2f}M, dropout {AUTO_WIDE['dropout']}), which a corpus of {AUTO_WIDE_TEXT[1] / 1e6:g}M training "
+            f"tokens or more gets from {format_duration(AUTO_WIDE_TEXT[0])}; once the plan is known, auto raises the "
+            f"dropout (and turns on weight drop) for a corpus small enough to memorise, unless they are given.")
 
 
 # ---------------------------------------------------------------- preprocess

@@ -73,14 +73,21 @@ PRESETS: dict[str, dict[str, Any]] = {
 # "small" has the lowest val loss at 2 and 10 CPU minutes, and stops improving by 30 (1.4071 at
 # 30 against 1.4069 at 10); from AUTO_WIDE_FROM seconds on, a wider model with more dropout has
 # the steps it needs (30 minutes: 1.3817 on one core, 1.3900 for "medium"). Without a time
-# budget (--max-steps, --epochs, or the trainer's 10-minute default) it is "small".
+# budget (--max-steps, --epochs) it is "small".
 AUTO_WIDE_FROM = 20 * 60.0
 AUTO_WIDE = dict(num_layers=2, hidden_size=384, embedding_dim=128, dropout=0.15)
+# ... and for the text (BENCHMARKS.md, "The default fitted to the corpus"): from AUTO_WIDE_TEXT's
+# budget on (the trainer's 10-minute default included), a corpus of at least its training tokens gets
+# the wider model too. At 10 minutes on 4 million tokens, which the 2x256 reads only 4 times, the 2x384
+# is ahead or level (Python 1.1988 against 1.2201, the GNU manuals 1.1278 against 1.1238); on a million
+# it is level (-0.011 to +0.008), and at 2 minutes behind on both (too few steps).
+AUTO_WIDE_TEXT = (10 * 60.0, 2_000_000)
 DEFAULT_PRESET = "auto"
 PRESET_CHOICES = ("auto", *PRESETS)
-# ... and once the plan is known, fits the regularisation to the corpus (see auto_regularisation);
-# a setting given on the command line or in a file is kept.
-AUTO_FITTED = ("dropout", "weight_drop")
+# ... and once the data and the plan are known, fits the width and the regularisation to the corpus
+# (auto_shape, auto_regularisation); a setting given on the command line or in a file is kept, and a
+# shape given (--layers, --hidden, ...) keeps the width.
+AUTO_FITTED = ("dropout", "weight_drop", "hidden_size")
 # Measured with the 2x256 default (BENCHMARKS.md, "The default fitted to the corpus"): the dropout
 # that the grid's best settings had, by how often the plan reads the corpus (planned epochs) and
 # by how much text there is (training tokens). Between two rows the dropout follows the logarithm;
@@ -92,10 +99,21 @@ AUTO_DROPOUT_BY_DATA = ((265_000, 0.35), (950_000, 0.15), (3_800_000, 0.05))
 AUTO_WEIGHT_DROP = (30.0, 100_000, 0.2)  # from this many epochs, at most this many tokens: DropConnect 0.2
 
 
+def auto_shape(max_time: float | None, train_tokens: int | None = None) -> dict[str, Any]:
+    """The shape (and its least dropout) that ``auto`` trains for a time budget of ``max_time``
+    seconds (None: a step budget) on ``train_tokens`` training tokens (None: not known yet)."""
+    least_time, least_tokens = AUTO_WIDE_TEXT
+    if max_time is not None and (max_time >= AUTO_WIDE_FROM or (
+            max_time >= least_time and train_tokens is not None and train_tokens >= least_tokens)):
+        return AUTO_WIDE
+    return PRESETS["small"]
+
+
 def preset(name: str, max_time: float | None = None, **overrides: Any) -> ModelConfig:
-    """The ModelConfig of a preset, with any fields overridden; ``auto`` follows ``max_time`` (seconds)."""
+    """The ModelConfig of a preset, with any fields overridden; ``auto`` follows ``max_time`` (seconds)
+    until the corpus is known (``auto_shape``)."""
     if name == "auto":
-        shape = AUTO_WIDE if max_time is not None and max_time >= AUTO_WIDE_FROM else PRESETS["small"]
+        shape = auto_shape(max_time)
     elif name in PRESETS:
         shape = PRESETS[name]
     else:
@@ -372,7 +390,9 @@ def build_configs(file_settings: dict[str, Any], flags: dict[str, Any], source: 
     base = preset(name, settings.get("max_time"))
     model = {**base.to_dict(), **{k: v for k, v in settings.items() if k in MODEL_KEYS}}
     data = {**DATA_DEFAULTS, **{k: settings[k] for k in DATA_DEFAULTS if k in settings}}
-    data["fit"] = [k for k in AUTO_FITTED if k not in settings] if name == "auto" else []
+    shape_given = any(k in settings for k in SHAPE_KEYS)
+    data["fit"] = [k for k in AUTO_FITTED if k not in settings and not (k in SHAPE_KEYS and shape_given)] \
+        if name == "auto" else []
     train = {k: v for k, v in settings.items() if k in TRAIN_KEYS}
     return ModelConfig.from_dict(model, source), TrainConfig.from_dict(train, source), data
 

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .averaging import WeightAverage
-from .config import AUTO_FITTED, DEFAULT_PRESET, ModelConfig, TrainConfig, auto_regularisation, format_duration, preset
+from .config import (AUTO_FITTED, DEFAULT_PRESET, ModelConfig, TrainConfig, auto_regularisation, auto_shape,
+                     format_duration, preset)
 from .data import Dataset, TrainStreams, is_dataset_dir, load_dataset, preprocess
 from .distributed import Dist, agree, barrier, broadcast, gather_hidden, gather_rng, init_distributed, reduce_step
 from .errors import CheckpointError, ConfigError, InputError, TextRNNError, TrainingError
@@ -296,12 +297,18 @@ def _fit_to_corpus(run: "_Run") -> bool:
     before = run.model_config.weight_drop
     run.model.set_regularisation(chosen.get("dropout", run.model_config.dropout),
                                  chosen.get("weight_drop", before))
-    why = (f"auto: the plan reads the {train_tokens:,} training tokens {epochs:.1f} times, so "
+    shape = run.config["auto"].get("shape")  # the width _fit_shape chose for the text
+    budget = format_duration(run.train_config.max_time) if run.train_config.max_time else ""
+    why = ((f"auto: {shape} for {train_tokens:,} training tokens in {budget}; the plan reads them "
+            if shape else f"auto: the plan reads the {train_tokens:,} training tokens ")
+           + f"{epochs:.1f} times" + (", so " if chosen else "")
            + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in chosen.items()))
     run.log(why)
+    if shape:
+        chosen = {"hidden_size": run.model_config.hidden_size, **chosen}
     run.config["model"] = run.model_config.to_dict()
     run.config["auto"] = {"fit": [], "planned_epochs": round(epochs, 2), "train_tokens": train_tokens,
-                          "chose": chosen, "why": why}
+                          "chose": chosen, "why": why, **({"shape": shape} if shape else {})}
     if run.dist_info.is_main:
         on_disk = ckpt.run_config(run.run_dir)
         on_disk["model"], on_disk["auto"] = run.config["model"], run.config["auto"]
@@ -752,6 +759,7 @@ def _setup_new(dist_info, inputs, out_dir, model_config, train_config, base: "Ba
         _check_enough_data(dataset, train_config, dist_info.world_size)  # before config.json makes this a run
         if train_config.sample_length:
             _sample_prompt(train_config, dataset.tokenizer, dataset.split("val"))  # a prompt it can encode
+        widened = _fit_shape(model_config, train_config, dataset.meta["splits"]["train"]["tokens"], fit)
         model_config.vocab_size = dataset.tokenizer.vocab_size
         dataset.tokenizer.save(run_dir)
         config = {
@@ -761,7 +769,7 @@ def _setup_new(dist_info, inputs, out_dir, model_config, train_config, base: "Ba
             "data": {"path": _data_path_for_config(data_dir, run_dir), "fingerprint": _fingerprints(dataset),
                      "chars_per_token": {s: dataset.chars_per_token(s) for s in ("train", "val")}},
             "world_size": dist_info.world_size, "torch": torch.__version__,
-            "auto": {"fit": fit},  # what _fit_to_corpus may still set; then what it chose, and why
+            "auto": {"fit": fit, **widened},  # what _fit_to_corpus may still set; then what it chose, and why
         }
         if base:
             config["init_from"] = base_record(base, dataset.tokenizer, log)
@@ -771,6 +779,19 @@ def _setup_new(dist_info, inputs, out_dir, model_config, train_config, base: "Ba
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return run_dir, config, preprocess_time
+
+
+def _fit_shape(model_config: ModelConfig, train_config: TrainConfig, train_tokens: int, fit: list[str]) -> dict:
+    """``--preset auto`` with no shape given, once the corpus is known: the width for the budget and
+    the text (``config.auto_shape``), set in place with its least dropout (unless the dropout was
+    given). ``{"shape": "2x384"}`` if the text widened the model, else nothing."""
+    shape = auto_shape(train_config.max_time, train_tokens)
+    if "hidden_size" not in fit or shape["hidden_size"] == model_config.hidden_size:
+        return {}
+    model_config.hidden_size = shape["hidden_size"]
+    if "dropout" in fit:
+        model_config.dropout = max(model_config.dropout, shape["dropout"])
+    return {"shape": f"{model_config.num_layers}x{model_config.hidden_size}"}
 
 
 def _data_path_for_config(data_dir: Path, run_dir: Path) -> str:
