@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.corpus_sizes import SETTINGS, budget_steps, queue, shape, train_one  # noqa: E402
+from bench.corpus_sizes import SETTINGS, budget_steps, queue, rule_pick, shape, train_one  # noqa: E402
 from conftest import sentence_corpus  # noqa: E402
 
 SPEED = {"h256": 1.0, "h256+wdrop": 0.85, "h384": 0.5}
@@ -39,3 +39,11 @@ def test_a_run_trains_its_steps_and_counts_the_epochs_they_read():
     steps, losses = zip(*row["curve"])
     assert steps[-1] == 12 and abs(row["final_val_loss"] - losses[-1]) < 1e-4
     assert abs(row["best_val_loss"] - min(losses)) < 1e-4 and row["best_step"] == steps[losses.index(min(losses))]
+
+
+def test_the_table_names_the_grid_setting_that_auto_trains():
+    assert rule_pick(2, 90_000)[0] == "d0.35+wdrop0.2"  # 100 KB read 39 times
+    assert rule_pick(10, 1_003_855)[0] == "d0.15"  # tiny Shakespeare at 10 minutes
+    assert rule_pick(2, 4_050_000)[0] == "default"  # 4.5 MB: under an epoch
+    name, pick = rule_pick(10, 4_050_000)  # 4.5 MB at 10 minutes: the wider model, read 2.5 times
+    assert name == "h384+d0.15" and pick["hidden_size"] == 384 and pick["dropout"] == 0.15
