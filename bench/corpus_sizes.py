@@ -91,6 +91,11 @@ def shape(setting: dict) -> str:
     return f"h{full['hidden_size']}" + ("+wdrop" if full["weight_drop"] else "")
 
 
+def measured_speed() -> dict[str, float]:
+    """Each shape's steps per second relative to the default's (``--calibrate``); empty before it ran."""
+    return json.loads(SPEED_FILE.read_text(encoding="utf-8"))["speed"] if SPEED_FILE.exists() else {}
+
+
 def budget_steps(minutes: float, setting: dict, speed: dict[str, float]) -> int:
     """The steps of an M-minute budget for a setting: the default's recorded steps x its relative speed."""
     default_steps = RECORDED_STEPS.get(float(minutes), round(STEPS_PER_MINUTE * minutes))
@@ -253,8 +258,7 @@ def rule_pick(minutes: float, train_tokens: int) -> tuple[str, dict]:
 
     defaults = TrainConfig()
     shape = auto_shape(minutes * 60.0, train_tokens)
-    speed = json.loads(SPEED_FILE.read_text(encoding="utf-8"))["speed"] if SPEED_FILE.exists() else {}
-    steps = budget_steps(minutes, {"hidden_size": shape["hidden_size"]}, speed)
+    steps = budget_steps(minutes, {"hidden_size": shape["hidden_size"]}, measured_speed())
     epochs = steps * defaults.batch_size * defaults.seq_len / train_tokens
     chosen = auto_regularisation(epochs, train_tokens, floor=shape["dropout"])
     pick = {**DEFAULT, "hidden_size": shape["hidden_size"], **chosen}
@@ -289,7 +293,7 @@ def main() -> None:
         return
     if not SPEED_FILE.exists():
         raise SystemExit(f"{SPEED_FILE} is missing: run --calibrate first")
-    speed = json.loads(SPEED_FILE.read_text(encoding="utf-8"))["speed"]
+    speed = measured_speed()
     torch.set_num_threads(args.threads)  # what the trainer will use, for machine()
     texts = {kind: corpus_text(kind) for kind in {c[0] for c in cells(args)}}
     todo = [run for run in queue(cells(args), args.minutes, args.settings)

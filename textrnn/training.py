@@ -297,12 +297,12 @@ def _fit_to_corpus(run: "_Run") -> bool:
     before = run.model_config.weight_drop
     run.model.set_regularisation(chosen.get("dropout", run.model_config.dropout),
                                  chosen.get("weight_drop", before))
-    shape = run.config["auto"].get("shape")  # the width _fit_shape chose for the text
-    budget = format_duration(run.train_config.max_time) if run.train_config.max_time else ""
-    why = ((f"auto: {shape} for {train_tokens:,} training tokens in {budget}; the plan reads them "
-            if shape else f"auto: the plan reads the {train_tokens:,} training tokens ")
-           + f"{epochs:.1f} times" + (", so " if chosen else "")
-           + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in chosen.items()))
+    shape = run.config["auto"].get("shape")  # the width _fit_shape chose for the text (a time budget's)
+    lead = (f"auto: {shape} for {train_tokens:,} training tokens in {format_duration(run.train_config.max_time)}; "
+            "the plan reads them" if shape else f"auto: the plan reads the {train_tokens:,} training tokens")
+    why = f"{lead} {epochs:.1f} times"
+    if chosen:
+        why += ", so " + ", ".join(f"{k.replace('_', ' ')} {v:g}" for k, v in chosen.items())
     run.log(why)
     if shape:
         chosen = {"hidden_size": run.model_config.hidden_size, **chosen}
@@ -782,13 +782,15 @@ def _setup_new(dist_info, inputs, out_dir, model_config, train_config, base: "Ba
 
 
 def _fit_shape(model_config: ModelConfig, train_config: TrainConfig, train_tokens: int, fit: list[str]) -> dict:
-    """``--preset auto`` with no shape given, once the corpus is known: the width for the budget and
+    """``--preset auto`` with no shape given, once the corpus is known: the shape for the budget and
     the text (``config.auto_shape``), set in place with its least dropout (unless the dropout was
     given). ``{"shape": "2x384"}`` if the text widened the model, else nothing."""
     shape = auto_shape(train_config.max_time, train_tokens)
     if "hidden_size" not in fit or shape["hidden_size"] == model_config.hidden_size:
         return {}
-    model_config.hidden_size = shape["hidden_size"]
+    for key, value in shape.items():
+        if key != "dropout":
+            setattr(model_config, key, value)
     if "dropout" in fit:
         model_config.dropout = max(model_config.dropout, shape["dropout"])
     return {"shape": f"{model_config.num_layers}x{model_config.hidden_size}"}
